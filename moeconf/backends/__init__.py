@@ -1,0 +1,62 @@
+"""Backends: thin adapters that run the code under test behind one Protocol (``Backend``).
+
+Resolution of a ``--backend`` value: a built-in name, an entry point in the ``moeconf.backends``
+group, or ``package.module:attr`` (a backend object, a class, or a zero-argument factory).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from moeconf.backends.base import Backend, BackendError, Observation, RunRequest
+from moeconf.backends.hf import HF_BATCHED_MM, HF_EAGER, HF_GROUPED_MM, HFBlockBackend
+from moeconf.registry import UnknownName
+
+BUILTIN: dict[str, Callable[[], Backend]] = {
+    "hf-eager": lambda: HF_EAGER,
+    "hf-grouped-mm": lambda: HF_GROUPED_MM,
+    "hf-batched-mm": lambda: HF_BATCHED_MM,
+}
+ENTRY_POINT_GROUP = "moeconf.backends"
+
+
+def _instantiate(obj: object, origin: str) -> Backend:
+    backend = obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend)) else obj
+    if not isinstance(backend, Backend):
+        raise UnknownName(f"{origin} is not a moeconf backend (needs name, devices, dtypes, supports(), run())")
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Built-in names plus installed entry points."""
+    return sorted(set(BUILTIN) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def resolve_backend(name: str) -> Backend:
+    """The backend called ``name`` (see module docstring), or ``UnknownName`` listing valid names."""
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return _instantiate(ep.load(), f"entry point {name!r}")
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UnknownName(f"cannot load backend {name!r}: {exc}") from None
+        return _instantiate(obj, name)
+    raise UnknownName(f"unknown backend {name!r}; available: {', '.join(available_backends())} (or package.module:attr)")
+
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "HFBlockBackend",
+    "Observation",
+    "RunRequest",
+    "available_backends",
+    "resolve_backend",
+]

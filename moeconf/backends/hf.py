@@ -1,0 +1,102 @@
+"""HF backends: the transformers MoE block as shipped, with a chosen experts implementation.
+
+``hf-eager`` runs the experts class' own loop; ``hf-grouped-mm`` / ``hf-batched-mm`` switch
+transformers' experts implementation (only experts classes decorated with
+``@use_experts_implementation`` accept it; the others are reported unsupported).
+
+``HFBlockBackend(name, patch=...)`` is also the easiest way for a framework to gate its own patched
+block: ``patch(block, entry)`` may modify the block in place or return a replacement module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeconf.backends.base import Observation, RunRequest
+from moeconf.backends.hf_block import (
+    build_block,
+    canonical_grads,
+    framework_loss_fn,
+    load_params,
+    recording,
+)
+from moeconf.devices import device_available
+from moeconf.registry.entry import ArchEntry
+
+BlockPatch = Callable[[nn.Module, ArchEntry], nn.Module | None]
+
+
+class HFBlockBackend:
+    """The transformers block for a registry entry, optionally patched.
+
+    Args:
+        name: backend name used in reports and on the command line.
+        experts_implementation: ``"eager"``, ``"grouped_mm"`` or ``"batched_mm"``.
+        patch: optional ``patch(block, entry) -> module | None`` applied after parameters are loaded.
+            A returned replacement must keep the entry's parameter paths (gradients are read there).
+    """
+
+    devices = ("cpu", "cuda", "npu")
+    dtypes = ("fp32", "bf16")
+
+    def __init__(self, name: str, experts_implementation: str = "eager", patch: BlockPatch | None = None) -> None:
+        self.name = name
+        self.experts_implementation = experts_implementation
+        self.patch = patch
+
+    def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
+        if not device_available(device):
+            return f"no {device} device"
+        if self.experts_implementation not in entry.experts_implementations:
+            return f"experts class of {entry.block_class} does not accept experts_implementation={self.experts_implementation!r}"
+        return None
+
+    def prepare(self, request: RunRequest) -> nn.Module:
+        """Build the block, load the request's parameters, apply the patch; on the request's device/dtype."""
+        block = build_block(request.entry, self.experts_implementation)
+        load_params(request.entry, block, request.params)
+        block = block.to(device=request.device, dtype=request.dtype)
+        if self.patch is not None:
+            block = self.patch(block, request.entry) or block
+        return block.train()
+
+    def run(self, request: RunRequest) -> Observation:
+        entry, spec = request.entry, request.entry.spec
+        block = self.prepare(request)
+        hidden = request.hidden.to(device=request.device, dtype=request.dtype).requires_grad_(True)
+        with recording(entry, block) as rec:
+            out = _first(block(hidden)).reshape(hidden.shape)
+        out.backward(request.grad_output.to(device=request.device, dtype=request.dtype))
+
+        logits = rec.router_logits(entry)
+        index, weights = rec.routing(entry)
+        aux = z = None
+        mask = request.attention_mask.to(request.device)
+        if spec.losses.aux == "switch" and logits is not None:
+            aux = framework_loss_fn(entry, "load_balancing_loss_func")((logits,), spec.num_experts, spec.top_k, mask)
+        if spec.losses.z_loss and logits is not None:
+            z = framework_loss_fn(entry, "router_z_loss_func")(logits)
+        grads = canonical_grads(entry, block)
+        grads["input"] = hidden.grad
+        return Observation(
+            output=out.detach(), topk_index=index, topk_weights=_detach(weights), router_logits=_detach(logits),
+            aux_loss=_detach(aux), z_loss=_detach(z), grads=grads,
+        )
+
+
+def _first(output: Any) -> torch.Tensor:
+    """Blocks return a tensor, or ``(hidden, router_scores)`` (GPT-OSS, Llama-4)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+HF_EAGER = HFBlockBackend("hf-eager", "eager")
+HF_GROUPED_MM = HFBlockBackend("hf-grouped-mm", "grouped_mm")
+HF_BATCHED_MM = HFBlockBackend("hf-batched-mm", "batched_mm")

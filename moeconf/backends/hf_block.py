@@ -1,0 +1,164 @@
+"""Building a transformers MoE block from a registry entry, loading canonical parameters into it,
+and observing it (router output, experts call, gradients). Shared by every HF-based backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeconf.params import Params, param_shapes
+from moeconf.registry.entry import ArchEntry
+from moeconf.registry.layouts import LAYOUTS, split_to_canonical
+
+
+class EntryError(ValueError):
+    """The registry entry does not fit the installed transformers (a configuration error)."""
+
+
+def build_config(entry: ArchEntry) -> Any:
+    """The entry's tiny config (the full one; see ``block_config``)."""
+    import transformers
+
+    try:
+        config_cls = getattr(transformers, entry.config_class)
+    except AttributeError:
+        raise EntryError(f"{entry.model_type}: transformers has no config class {entry.config_class}") from None
+    return config_cls(**entry.config_kwargs)
+
+
+def block_config(entry: ArchEntry, config: Any) -> Any:
+    return getattr(config, entry.block_config_attr) if entry.block_config_attr else config
+
+
+@lru_cache(maxsize=None)
+def block_class(entry: ArchEntry) -> type[nn.Module]:
+    module = importlib.import_module(entry.modeling_module)
+    try:
+        return getattr(module, entry.block_class)
+    except AttributeError:
+        raise EntryError(f"{entry.model_type}: {entry.modeling_module} has no class {entry.block_class}") from None
+
+
+def build_block(entry: ArchEntry, experts_implementation: str | None = None) -> nn.Module:
+    """A fresh block on CPU in float32, with the given transformers experts implementation."""
+    config = block_config(entry, build_config(entry))
+    if experts_implementation is not None:
+        # NOTE: the experts decorator looks this up at every call, so it also switches a live block.
+        config._experts_implementation = experts_implementation
+    cls = block_class(entry)
+    return cls(config, layer_idx=0) if entry.block_init == "config_and_layer_idx" else cls(config)
+
+
+def _tensor_at(block: nn.Module, path: str) -> torch.Tensor:
+    owner_path, _, attr = path.rpartition(".")
+    owner = block.get_submodule(owner_path) if owner_path else block
+    tensor = getattr(owner, attr, None)
+    if not isinstance(tensor, torch.Tensor):
+        raise EntryError(f"{type(block).__name__} has no parameter or buffer {path!r}")
+    return tensor
+
+
+def load_params(entry: ArchEntry, block: nn.Module, params: Params) -> None:
+    """Write canonical ``params`` into the block through the entry's bindings.
+
+    Every trainable block parameter must be bound: an unbound one would keep its random init and
+    silently escape every comparison.
+    """
+    bound = {b.path for b in entry.params}
+    unbound = [name for name, p in block.named_parameters() if p.requires_grad and name not in bound]
+    if unbound:
+        raise EntryError(f"{entry.model_type}: block parameters not bound to the reference: {', '.join(unbound)}")
+    missing = set(param_shapes(entry.spec)) - {c for b in entry.params for c in b.canonical}
+    if missing:
+        raise EntryError(f"{entry.model_type}: canonical parameters with no binding: {', '.join(sorted(missing))}")
+    with torch.no_grad():
+        for binding in entry.params:
+            target = _tensor_at(block, binding.path)
+            value = LAYOUTS[binding.layout].to_block(*(params[name] for name in binding.canonical))
+            if value.numel() != target.numel():
+                raise EntryError(
+                    f"{entry.model_type}: binding {binding.path} ({binding.layout}) builds {tuple(value.shape)}, "
+                    f"block has {tuple(target.shape)}"
+                )
+            target.copy_(value.reshape(target.shape).to(target.dtype))
+
+
+def canonical_grads(entry: ArchEntry, block: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Block ``.grad``s split back into canonical names (None where ``.grad`` is None)."""
+    shapes = param_shapes(entry.spec)
+    grads: dict[str, torch.Tensor | None] = {}
+    for binding in entry.params:
+        tensor = _tensor_at(block, binding.path)
+        if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
+            continue
+        if tensor.grad is None:
+            grads.update({name: None for name in binding.canonical})
+            continue
+        parts = split_to_canonical(LAYOUTS[binding.layout], tensor.grad, tuple(shapes[n] for n in binding.canonical))
+        grads.update(zip(binding.canonical, parts))
+    return grads
+
+
+@dataclass
+class Recording:
+    """What the hooks saw during one forward."""
+
+    router_output: Any = None
+    experts_args: tuple[Any, ...] = ()
+    experts_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def router_logits(self, entry: ArchEntry) -> torch.Tensor | None:
+        out = self.router_output
+        if out is None:
+            return None
+        return out if entry.router_logits_index is None else out[entry.router_logits_index]
+
+    def routing(self, entry: ArchEntry) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(topk_index [N, k], topk_weights [N, k])`` as the block used them."""
+        if entry.routing_from == "router_dense_scores":
+            if self.router_output is None:
+                return None, None
+            scores = self.router_output[0]  # [N, E], zero outside the selected experts
+            index = scores.float().topk(entry.spec.top_k, dim=-1).indices
+            return index, scores.gather(1, index)
+        args = list(self.experts_args) + list(self.experts_kwargs.values())
+        if len(args) < 3:
+            return None, None
+        return args[1], args[2]
+
+
+@contextmanager
+def recording(entry: ArchEntry, block: nn.Module) -> Iterator[Recording]:
+    """Hooks on the router (its output) and the experts (their call arguments), removed on exit."""
+    rec = Recording()
+
+    def on_router(_module: nn.Module, _args: Any, output: Any) -> None:
+        rec.router_output = output
+
+    def on_experts(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rec.experts_args, rec.experts_kwargs = args, kwargs
+
+    handles = [block.get_submodule(entry.router_path).register_forward_hook(on_router)]
+    if entry.routing_from == "experts_call":
+        handles.append(block.get_submodule(entry.experts_path).register_forward_pre_hook(on_experts, with_kwargs=True))
+    try:
+        yield rec
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def framework_loss_fn(entry: ArchEntry, name: str) -> Any:
+    """A loss function of the block's own modeling module (e.g. ``load_balancing_loss_func``)."""
+    fn = getattr(importlib.import_module(entry.modeling_module), name, None)
+    if fn is None:
+        raise EntryError(f"{entry.model_type}: {entry.modeling_module} defines no {name}")
+    return fn

@@ -1,0 +1,123 @@
+"""Inputs for the parity checks: seeded parameters and token batches with routing margins.
+
+Parameters are drawn once per (architecture, seed); tokens are drawn from a larger pool and kept only
+if the reference routes them with a comfortable margin (so rounding never decides a selection) and
+if they satisfy the case's constraint (e.g. "no token reaches the last expert").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from moeconf.params import Params, param_shapes, round_through
+from moeconf.reference import aux_selection_margin, route
+from moeconf.spec import MoESpec
+
+Constraint = Literal["none", "avoid_last_expert", "all_use_first_expert"]
+
+MIN_MARGIN = 0.05
+"""Minimum routing margin, relative to the token's spread of selection scores.
+
+NOTE: bf16 router logits carry ~2^-8 relative error; on the tiny shapes (logit std ≈ 2) that moves a
+softmax probability by < 0.5 % of the spread, an order of magnitude below this margin.
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    """A named batch shape plus a routing constraint."""
+
+    name: str
+    batch: int
+    seq: int
+    constraint: Constraint
+    description: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+CASES: tuple[Case, ...] = (
+    Case("random", 2, 8, "none", "random tokens, random non-uniform routing weights, a padded row for the losses"),
+    Case("single_token", 1, 1, "none", "T=1"),
+    Case("empty_expert", 2, 6, "avoid_last_expert", "the last expert receives no token (its grads must be exact zeros)"),
+    Case("one_expert", 1, 6, "all_use_first_expert", "every token is routed to expert 0"),
+)
+CASE_NAMES = tuple(c.name for c in CASES)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One case's inputs, float64, already rounded through the compute dtype.
+
+    Attributes:
+        params: canonical parameters (rounded through the compute dtype).
+        hidden: ``[B, S, H]`` block input.
+        attention_mask: ``[B, S]`` int64, zeros mark padding (only when ``B > 1``).
+        grad_output: ``[B, S, H]`` cotangent for the backward pass.
+    """
+
+    params: Params
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    grad_output: torch.Tensor
+
+
+def draw_params(spec: MoESpec, seed: int) -> Params:
+    """Seeded float64 canonical parameters with healthy scales.
+
+    Router logits get a standard deviation of about 2 (clear winners, no saturation); expert weights
+    are fan-in scaled so activations stay O(1); selection biases are large enough to change choices.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params: Params = {}
+    for name, shape in param_shapes(spec).items():
+        fan_in = shape[-1]
+        if name == "router.weight":
+            scale = 2.0 / math.sqrt(fan_in)
+        elif name == "router.selection_bias":
+            scale = 0.1 if spec.router.scoring == "sigmoid" else 0.02
+        elif name.split(".")[-1].startswith("b"):
+            scale = 0.1
+        else:
+            scale = 1.0 / math.sqrt(fan_in)
+        params[name] = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    return params
+
+
+def _satisfies(constraint: Constraint, index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    if constraint == "avoid_last_expert":
+        return ~(index == num_experts - 1).any(dim=-1)
+    if constraint == "all_use_first_expert":
+        return (index == 0).any(dim=-1)
+    return torch.ones(index.shape[0], dtype=torch.bool)
+
+
+class CaseError(ValueError):
+    """No token batch satisfying the case could be drawn (a spec/case mismatch)."""
+
+
+def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: int = 4096) -> Inputs:
+    """Draw the case's inputs for ``spec`` in ``dtype``; deterministic in ``seed``."""
+    params = round_through(draw_params(spec, seed), dtype)
+    gen = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, case.name)))
+    candidates = torch.randn(pool, spec.hidden, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
+    routing = route(spec, params, candidates)
+    margin = routing.margin
+    if spec.losses.aux != "none":
+        margin = torch.minimum(margin, aux_selection_margin(routing.logits, spec.top_k))
+    ok = (margin >= MIN_MARGIN) & _satisfies(case.constraint, routing.index, spec.num_experts)
+    chosen = ok.nonzero().flatten()[: case.tokens]
+    if chosen.numel() < case.tokens:
+        raise CaseError(f"case {case.name}: only {chosen.numel()}/{case.tokens} of {pool} tokens satisfy it")
+    hidden = candidates[chosen].reshape(case.batch, case.seq, spec.hidden)
+    mask = torch.ones(case.batch, case.seq, dtype=torch.int64)
+    if case.batch > 1 and case.seq > 2:
+        mask[0, : case.seq // 3] = 0  # left padding on the first row: excluded from the aux statistics
+    grad_output = torch.randn(hidden.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
+    return Inputs(params=params, hidden=hidden, attention_mask=mask, grad_output=grad_output)

@@ -1,0 +1,250 @@
+"""Checks: each compares one quantity of a backend's observation with the reference.
+
+A check knows nothing about architectures or backends: it gets the spec, the reference result and
+gradients, the observation and a tolerance, and returns an ``Outcome``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moeconf.backends.base import Observation
+from moeconf.reference import ReferenceResult
+from moeconf.spec import MoESpec
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass iff ``|actual − expected| ≤ atol·scale + rtol·|expected|`` elementwise, where
+    ``scale = max(1, max|expected|)`` of the compared tensor.
+
+    NOTE: scaling atol by the tensor's magnitude keeps one tolerance meaningful for outputs of size
+    O(1) and for weight gradients summed over many tokens (O(10)), where cancellation makes a purely
+    elementwise relative bound meaningless.
+    """
+
+    atol: float
+    rtol: float
+
+
+# NOTE on bf16: the reference runs in float64 on bf16-rounded parameters and inputs, so these bound
+# only the backend's own arithmetic. bf16 has unit roundoff u = 2^-9 ≈ 2e-3; a block chains ~6
+# roundings (logits, weights, gate/up, activation·up, down, weighted sum), so errors of a few u of
+# the tensor's scale are expected: measured on the registry (hf-eager/grouped-mm, CPU) the worst
+# was 0.8 % of scale for outputs and grads; 2 % leaves 2.5x headroom while a wrong formula (a
+# missed renormalisation, a swapped gate/up, a dropped expert) moves values by 10-100 %.
+# Backward accumulates in bf16 in transformers' eager path (cf. TransformerEngine #1336).
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "fp32": {
+        "routing_weights": Tolerance(1e-6, 1e-5),
+        "output": Tolerance(1e-5, 1e-5),
+        "loss": Tolerance(1e-6, 1e-5),
+        "grad": Tolerance(1e-5, 1e-4),
+    },
+    "bf16": {
+        "routing_weights": Tolerance(1e-2, 1e-2),
+        "output": Tolerance(2e-2, 2e-2),
+        "loss": Tolerance(1e-2, 1e-2),
+        "grad": Tolerance(2e-2, 2e-2),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One check's verdict before it is labelled with arch/backend/... by the engine."""
+
+    passed: bool | None  # None: not applicable / not observable (reported as skip)
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    tol: Tolerance | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class CheckInput:
+    spec: MoESpec
+    reference: ReferenceResult
+    reference_grads: dict[str, torch.Tensor]
+    observation: Observation
+    dtype: str
+
+
+def compare(name: str, actual: torch.Tensor | None, expected: torch.Tensor, tol: Tolerance) -> Outcome:
+    """Elementwise closeness with the worst element named in the message."""
+    if actual is None:
+        return Outcome(False, tol=tol, message=f"{name}: backend produced nothing (None)")
+    actual = actual.detach().to(device="cpu", dtype=torch.float64)
+    if actual.shape != expected.shape:
+        return Outcome(False, tol=tol, message=f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if not torch.isfinite(actual).all():
+        return Outcome(False, float("inf"), float("inf"), tol, f"{name}: non-finite values")
+    diff = (actual - expected).abs()
+    rel = diff / expected.abs().clamp_min(1e-12)
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    excess = diff - (tol.atol * scale + tol.rtol * expected.abs())
+    passed = bool((excess <= 0).all())
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    max_rel = float(rel.max()) if rel.numel() else 0.0
+    message = ""
+    if not passed:
+        worst = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape)) if excess.dim() else ()
+        message = f"{name}{list(worst)}: got {float(actual[worst]):.6g}, expected {float(expected[worst]):.6g}"
+    return Outcome(passed, max_abs, max_rel, tol, message)
+
+
+def merge(outcomes: list[Outcome]) -> Outcome:
+    """All parts must pass; errors are the worst over parts; messages of failing parts are joined."""
+    if not outcomes:
+        return Outcome(None, message="nothing to compare")
+    abs_errs = [o.max_abs_err for o in outcomes if o.max_abs_err is not None]
+    rel_errs = [o.max_rel_err for o in outcomes if o.max_rel_err is not None]
+    failed = [o.message for o in outcomes if o.passed is False]
+    return Outcome(
+        passed=not failed,
+        max_abs_err=max(abs_errs) if abs_errs else None,
+        max_rel_err=max(rel_errs) if rel_errs else None,
+        tol=outcomes[0].tol,
+        message="; ".join(failed[:3]) + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""),
+    )
+
+
+def _sorted_by_index(index: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    index = index.detach().cpu().long()
+    order = index.argsort(dim=-1)
+    sorted_weights = None if weights is None else weights.detach().cpu().to(torch.float64).gather(1, order)
+    return index.gather(1, order), sorted_weights
+
+
+def check_routing(c: CheckInput) -> Outcome:
+    """Selected experts per token, compared as sets."""
+    if c.observation.topk_index is None:
+        return Outcome(None, message="backend does not report routing")
+    got, _ = _sorted_by_index(c.observation.topk_index, None)
+    want = c.reference.routing.index
+    if got.shape != want.shape:
+        return Outcome(False, message=f"topk_index shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+    wrong = (got != want).any(dim=-1)
+    if not wrong.any():
+        return Outcome(True, 0.0, 0.0, Tolerance(0, 0))
+    t = int(wrong.nonzero()[0])
+    return Outcome(
+        False, float(wrong.sum()), float(wrong.float().mean()), Tolerance(0, 0),
+        f"{int(wrong.sum())}/{len(wrong)} tokens routed differently; token {t}: got {got[t].tolist()}, expected {want[t].tolist()}",
+    )
+
+
+def check_routing_weights(c: CheckInput) -> Outcome:
+    """Routing weights aligned by expert index, on the tokens whose expert set matches."""
+    obs = c.observation
+    if obs.topk_index is None or obs.topk_weights is None:
+        return Outcome(None, message="backend does not report routing weights")
+    got_index, got_weights = _sorted_by_index(obs.topk_index, obs.topk_weights)
+    want = c.reference.routing
+    if got_index.shape != want.index.shape:
+        return Outcome(False, message=f"topk_index shape {tuple(got_index.shape)} != expected {tuple(want.index.shape)}")
+    same = (got_index == want.index).all(dim=-1)
+    if not same.any():
+        return Outcome(False, message="no token routed as the reference; weights not comparable")
+    outcome = compare("topk_weights", got_weights[same], want.weights.detach()[same], TOLERANCES[c.dtype]["routing_weights"])
+    if not same.all():
+        return Outcome(False, outcome.max_abs_err, outcome.max_rel_err, outcome.tol,
+                       f"compared {int(same.sum())}/{len(same)} tokens (others routed differently) {outcome.message}")
+    return outcome
+
+
+def check_output(c: CheckInput) -> Outcome:
+    return compare("output", c.observation.output, c.reference.output.detach(), TOLERANCES[c.dtype]["output"])
+
+
+def _loss_check(name: str, got: torch.Tensor | None, want: torch.Tensor | None, dtype: str) -> Outcome:
+    if want is None:
+        return Outcome(None, message=f"architecture has no {name}")
+    if got is None:
+        return Outcome(None, message=f"backend does not report {name}")
+    return compare(name, torch.as_tensor(got).reshape(()), want.detach().reshape(()), TOLERANCES[dtype]["loss"])
+
+
+def check_aux_loss(c: CheckInput) -> Outcome:
+    """The backend's aux loss (from *its* recorded router output, padded rows masked) vs the reference."""
+    return _loss_check("aux_loss", c.observation.aux_loss, c.reference.aux_loss, c.dtype)
+
+
+def check_z_loss(c: CheckInput) -> Outcome:
+    return _loss_check("z_loss", c.observation.z_loss, c.reference.z_loss, c.dtype)
+
+
+def _grad_check(c: CheckInput, names: list[str]) -> Outcome:
+    if not c.observation.grads:
+        return Outcome(None, message="backend does not report gradients")
+    tol = TOLERANCES[c.dtype]["grad"]
+    parts = [compare(f"grad {n}", c.observation.grads.get(n), c.reference_grads[n], tol) for n in names]
+    return merge(parts)
+
+
+def check_grad_input(c: CheckInput) -> Outcome:
+    return _grad_check(c, ["input"])
+
+
+def check_grad_router(c: CheckInput) -> Outcome:
+    return _grad_check(c, [n for n in c.reference_grads if n.startswith("router.")])
+
+
+def _unrouted_experts(c: CheckInput) -> list[int]:
+    routing = c.reference.routing
+    used = set(routing.index[routing.kept].tolist())
+    return [e for e in range(c.spec.num_experts) if e not in used]
+
+
+def check_grad_experts(c: CheckInput) -> Outcome:
+    """Every expert's weight (and bias) grads; an expert that received no token must get exact zeros.
+
+    NOTE: exact, not approximate: uninitialised output rows of an empty group (transformers PR
+    #48205) or a None grad (the ZeRO-2/FSDP hang, DeepSpeed #5066) are the bugs this catches.
+    """
+    names = [n for n in c.reference_grads if n.startswith("experts.")]
+    outcome = _grad_check(c, names)
+    problems = []
+    for e in _unrouted_experts(c):
+        for n in names:
+            grad = c.observation.grads.get(n)
+            if grad is not None and bool((grad[e] != 0).any()):
+                problems.append(f"expert {e} received no token but grad {n}[{e}] is not exactly zero (max {float(grad[e].abs().max()):.3g})")
+    if not problems:
+        return outcome
+    return Outcome(False, outcome.max_abs_err, outcome.max_rel_err, outcome.tol, "; ".join(problems[:2] + [outcome.message]).strip("; "))
+
+
+def check_grad_shared_experts(c: CheckInput) -> Outcome:
+    names = [n for n in c.reference_grads if n.startswith("shared.")]
+    if not names:
+        return Outcome(None, message="architecture has no shared experts")
+    return _grad_check(c, names)
+
+
+CHECKS: dict[str, Callable[[CheckInput], Outcome]] = {
+    "routing": check_routing,
+    "routing_weights": check_routing_weights,
+    "output": check_output,
+    "aux_loss": check_aux_loss,
+    "z_loss": check_z_loss,
+    "grad_input": check_grad_input,
+    "grad_router": check_grad_router,
+    "grad_experts": check_grad_experts,
+    "grad_shared_experts": check_grad_shared_experts,
+}
+
+
+def applicable_checks(spec: MoESpec) -> list[str]:
+    """The checks that exist for an architecture (no aux check where the model has no aux loss, ...)."""
+    names = list(CHECKS)
+    if spec.losses.aux == "none":
+        names.remove("aux_loss")
+    if not spec.losses.z_loss:
+        names.remove("z_loss")
+    if spec.shared is None:
+        names.remove("grad_shared_experts")
+    return names

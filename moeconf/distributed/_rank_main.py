@@ -1,0 +1,190 @@
+"""Entry point of one rank started by :func:`moeconf.distributed.run_ranks`.
+
+Invoked as ``python -m moeconf.distributed._rank_main RUN_DIR``. The parent
+sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``/... in the
+environment and writes ``RUN_DIR/payload.pkl``. This process:
+
+1. installs a ``faulthandler`` stack dump on ``SIGUSR1`` into
+   ``RUN_DIR/rank<R>.stack.txt`` (first thing, before the slow ``torch``
+   import, so even a rank stuck importing can be diagnosed);
+2. asks the kernel to SIGKILL it if the parent dies (no orphans when the
+   parent itself is SIGKILLed and cannot run its cleanup);
+3. calls ``torch.distributed.init_process_group`` (unless backend is None),
+   runs ``fn(*args)`` and atomically writes ``RUN_DIR/rank<R>.result.pkl``;
+4. tears the process group down (best effort).
+
+Only the standard library (and the stdlib-only launcher module) is imported
+at module level on purpose.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import IO, Any, Callable
+
+# The launcher imports only the standard library, so this import keeps the
+# pre-faulthandler window short.
+from moeconf.distributed.launcher import (
+    EXIT_BAD_INVOCATION,
+    EXIT_FN_FAILED,
+    EXIT_OK,
+    payload_path,
+    result_path,
+    stack_path,
+)
+
+_PR_SET_PDEATHSIG = 1
+
+# Keep the stack file object alive for the life of the process: faulthandler
+# only stores its file descriptor.
+_stack_file: IO[str] | None = None
+
+
+def _install_stack_dump(path: Path) -> None:
+    global _stack_file
+    _stack_file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - must stay open
+    faulthandler.register(signal.SIGUSR1, file=_stack_file, all_threads=True)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL): a SIGKILLed parent can't clean up after us."""
+    expected_parent = int(os.environ.get("MOECONF_PARENT_PID", "0") or 0)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux / no prctl: the parent's own cleanup still applies
+    # The parent may have died before prctl took effect.
+    if expected_parent and os.getppid() != expected_parent:
+        os._exit(EXIT_BAD_INVOCATION)
+
+
+def resolve_fn(spec: str) -> Callable[..., Any]:
+    """Import ``"package.module:attr.path"`` and return the attribute."""
+    import importlib
+
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"rank function spec must look like 'pkg.module:attr', got {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec!r} resolved to non-callable {obj!r}")
+    return obj
+
+
+def _write_result(path: Path, record: dict[str, Any]) -> None:
+    """Write atomically so the parent never unpickles a half-written file."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # unpicklable return value
+        data = pickle.dumps(
+            {
+                "kind": "exception",
+                "phase": "pickle-result",
+                "type": type(exc).__name__,
+                "text": "return value of the rank function is not picklable:\n"
+                + "".join(traceback.format_exception(exc)),
+                "addr_in_use": False,
+            }
+        )
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _exception_record(exc: BaseException, phase: str) -> dict[str, Any]:
+    text = "".join(traceback.format_exception(exc))
+    return {
+        "kind": "exception",
+        "phase": phase,
+        "type": type(exc).__name__,
+        "text": text,
+        # Lets the parent retry with another port when the picked one was
+        # grabbed between "bind 0 / close" and the TCPStore's own bind.
+        "addr_in_use": phase == "init" and ("EADDRINUSE" in text or "ddress already in use" in text),
+    }
+
+
+def _init_process_group(backend: str, timeout_s: float) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _teardown(backend: str | None) -> None:
+    """Barrier then destroy, so rank 0 (which hosts the TCPStore) does not
+    exit while a peer still talks to the store. Best effort only: the result
+    is already written, and a hang here is caught by the parent's watchdog."""
+    if backend is None:
+        return
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except Exception:
+        traceback.print_exc()
+
+
+def _flush_and_exit(code: int) -> None:
+    """Exit without atexit hooks: after a failure, library hooks (gloo, DeepSpeed)
+    may block on peers that will never answer."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m moeconf.distributed._rank_main RUN_DIR", file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    run_dir = Path(argv[1])
+    rank = int(os.environ["RANK"])
+    _install_stack_dump(stack_path(run_dir, rank))
+    _die_with_parent()
+
+    with open(payload_path(run_dir), "rb") as fh:
+        fn_spec, args, backend, pg_timeout_s = pickle.load(fh)
+    out = result_path(run_dir, rank)
+
+    phase = "import"
+    try:
+        fn = resolve_fn(fn_spec)
+        if backend is not None:
+            phase = "init"
+            _init_process_group(backend, pg_timeout_s)
+        phase = "fn"
+        value = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt in fn count too
+        _write_result(out, _exception_record(exc, phase))
+        traceback.print_exc()
+        _flush_and_exit(EXIT_FN_FAILED)
+        return EXIT_FN_FAILED  # unreachable; keeps type checkers happy
+
+    _write_result(out, {"kind": "ok", "value": value})
+    _teardown(backend)
+    _flush_and_exit(EXIT_OK)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

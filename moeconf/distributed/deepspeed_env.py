@@ -1,0 +1,391 @@
+"""DeepSpeed on CPU: environment, JIT-op prebuild and stale build-lock detection.
+
+With ``DS_ACCELERATOR=cpu`` and no oneCCL, DeepSpeed wraps the gloo process
+group in its ``TorchBackend``, whose constructor JIT-compiles the
+shared-memory collective extension ``deepspeed_shm_comm``
+(``ShareMemCommBuilder``: ``csrc/cpu/comm/shm_interface.cpp`` + ``shm.cpp``)
+through ``torch.utils.cpp_extension.load``. That first build takes about a
+minute on 2 cores; later loads reuse ``<root>/deepspeed_shm_comm/*.so``.
+(ZeRO-2 init with a torch client optimizer builds nothing else.)
+
+``torch.utils.cpp_extension`` serialises builds with a ``lock`` file created
+with ``O_CREAT|O_EXCL`` in the extension's build folder; the builder keeps its
+descriptor open until it deletes the file. A builder killed mid-build (e.g.
+by a watchdog) leaves the file behind, and every later ``load`` polls
+``os.path.exists(lock)`` forever. :func:`ensure_deepspeed_cpu_ops` builds the
+op once, up front, in a subprocess with a deadline, and turns such a stale
+lock into an immediate one-line error instead of a silent hang in N ranks.
+
+Importing this module does not import torch or deepspeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+SHM_COMM_BUILDER = "ShareMemCommBuilder"
+SHM_COMM_OP = "deepspeed_shm_comm"
+LOCK_NAME = "lock"
+# Only used when some process's fd table cannot be inspected (see
+# find_stale_locks); longer than any single compile step of these ops.
+DEFAULT_STALE_AFTER_S = 600.0
+_PROGRESS_EVERY_S = 15.0
+_LOCK_CHECK_EVERY_S = 2.0
+
+
+class StaleBuildLockError(RuntimeError):
+    """A torch-extension ``lock`` file whose build is no longer in progress."""
+
+
+def deepspeed_cpu_env() -> dict[str, str]:
+    """Environment to pass to ranks (``run_ranks(env=...)``) for DeepSpeed on CPU."""
+    return {"DS_ACCELERATOR": "cpu"}
+
+
+# --------------------------------------------------------------------------
+# build locks
+
+
+def extensions_root() -> Path:
+    """Where torch puts JIT extensions: ``$TORCH_EXTENSIONS_DIR``, else the
+    user cache dir (``$XDG_CACHE_HOME`` or ``~/.cache``) ``/torch_extensions``.
+
+    torch appends a ``py311_cpu``-style folder in the second case only;
+    :func:`find_stale_locks` searches two levels deep, covering both layouts.
+    """
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if explicit:
+        return Path(explicit)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "torch_extensions"
+
+
+def _lock_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted({*root.glob(f"*/{LOCK_NAME}"), *root.glob(f"*/*/{LOCK_NAME}")})
+
+
+def _open_file_table() -> tuple[set[str], bool]:
+    """Targets of every open fd on this machine, and whether all were readable."""
+    targets: set[str] = set()
+    complete = True
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except PermissionError:
+            complete = False  # another user's process: can't tell
+            continue
+        for fd in fds:
+            try:
+                targets.add(os.readlink(f"{fd_dir}/{fd}"))
+            except OSError:
+                pass
+    return targets, complete
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """PIDs that hold ``lock`` open (the builder keeps its fd until done)."""
+    wanted = str(lock.resolve())
+    holders = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == wanted:
+                    holders.append(int(pid))
+                    break
+            except OSError:
+                pass
+    return holders
+
+
+def _last_activity(build_dir: Path) -> float:
+    """Newest mtime in the build folder (ninja writes objects as it goes)."""
+    newest = 0.0
+    for path in [build_dir, *build_dir.rglob("*")]:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
+def find_stale_locks(
+    root: Path | str | None = None, *, stale_after_s: float = DEFAULT_STALE_AFTER_S
+) -> list[Path]:
+    """Torch-extension ``lock`` files under ``root`` whose build is not in progress.
+
+    Rule: a lock is **live** while any process holds it open, because
+    ``FileBaton`` keeps the ``O_EXCL`` descriptor for the whole build (waiters
+    only poll ``os.path.exists``). A lock nobody holds, seen twice 0.2 s apart
+    (the holder closes the fd just before deleting the file), is **stale** -
+    provided every process's fd table was readable. If some were not (other
+    users without root, builds in another PID namespace sharing the cache),
+    a lock is stale only if nothing in its build folder changed for
+    ``stale_after_s`` seconds.
+    """
+    base = Path(root) if root is not None else extensions_root()
+    candidates = _lock_files(base)
+    if not candidates:
+        return []
+    first, _ = _open_file_table()
+    time.sleep(0.2)
+    second, complete = _open_file_table()
+    stale = []
+    for lock in candidates:
+        if not lock.exists():
+            continue  # released meanwhile
+        resolved = str(lock.resolve())
+        if resolved in first or resolved in second:
+            continue
+        if complete or time.time() - _last_activity(lock.parent) > stale_after_s:
+            stale.append(lock)
+    return stale
+
+
+def stale_lock_message(lock: Path) -> str:
+    """One-line diagnosis + fix."""
+    return (
+        f"stale torch-extension build lock {lock} (left by a killed build; every "
+        f"DeepSpeed init would wait on it forever): no process holds it - fix: rm {lock}"
+    )
+
+
+# --------------------------------------------------------------------------
+# prebuild
+
+_BUILD_SNIPPET = r"""
+import json, sys, time
+t0 = time.monotonic()
+from deepspeed.accelerator import get_accelerator
+import deepspeed.ops
+name = sys.argv[1]
+builder = get_accelerator().create_op_builder(name)
+if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    print(json.dumps({"op": getattr(builder, "NAME", name), "compatible": False}))
+    sys.exit(0)
+t1 = time.monotonic()
+builder.load(verbose=False)
+t2 = time.monotonic()
+print(json.dumps({"op": builder.NAME, "compatible": True,
+                  "import_s": t1 - t0, "load_s": t2 - t1}))
+"""
+
+
+@dataclass
+class OpBuildInfo:
+    """What :func:`ensure_deepspeed_cpu_ops` did."""
+
+    op: str
+    compatible: bool
+    was_cached: bool
+    seconds: float
+    """Wall time of the prebuild subprocess (import + build/load)."""
+    load_s: float | None
+    build_dir: Path | None
+
+
+def _op_build_dirs(op: str, root: Path) -> list[Path]:
+    return [p for p in (root / op, *root.glob(f"*/{op}")) if p.is_dir()]
+
+
+def _has_built_library(op: str, root: Path) -> bool:
+    return any(any(d.glob("*.so")) for d in _op_build_dirs(op, root))
+
+
+def _raise_if_stale(root: Path, op: str | None = None) -> None:
+    for lock in find_stale_locks(root):
+        if op is None or lock.parent.name == op:
+            raise StaleBuildLockError(stale_lock_message(lock))
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _remove_own_stale_lock(root: Path, op: str, since: float) -> list[Path]:
+    """After we killed our own builder: drop locks it created (created after
+    ``since`` and held by nobody). Older locks are someone else's to judge."""
+    removed = []
+    for lock in find_stale_locks(root):
+        try:
+            if lock.parent.name == op and lock.stat().st_mtime >= since:
+                lock.unlink()
+                removed.append(lock)
+        except OSError:
+            pass
+    return removed
+
+
+def ensure_deepspeed_cpu_ops(
+    progress: Callable[[str], None] = print,
+    timeout_s: float = 600,
+    *,
+    builder: str = SHM_COMM_BUILDER,
+    op: str = SHM_COMM_OP,
+) -> OpBuildInfo:
+    """Build (or just load) DeepSpeed's CPU comm op once, before any rank needs it.
+
+    Runs in a subprocess (own process group, ``DS_ACCELERATOR=cpu``) so a
+    deadline can be enforced and the test process never imports DeepSpeed.
+    Raises :class:`StaleBuildLockError` naming the lock and ``rm <path>`` when
+    a dead build's lock would make the build wait forever (checked before and
+    during the build), ``TimeoutError`` past ``timeout_s`` and
+    ``RuntimeError`` if the build fails. Concurrent callers (pytest-xdist
+    workers) are fine: one builds, the others wait on its live lock.
+    """
+    root = extensions_root()
+    _raise_if_stale(root, op)
+    cached = _has_built_library(op, root)
+    progress(
+        f"DeepSpeed CPU: loading cached JIT op {op} from {root}"
+        if cached
+        else f"DeepSpeed CPU: building JIT op {op} (first time only, ~1 min on 2 cores; "
+        f"cached under {root})"
+    )
+    env = {**os.environ, **deepspeed_cpu_env()}
+    started_wall = time.time()
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUILD_SNIPPET, builder],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # killpg reaches the compiler/ninja children
+    )
+    try:
+        out = _wait_for_build(proc, progress, timeout_s, root, op, start, started_wall)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    elapsed = time.monotonic() - start
+    info = _parse_build_output(out, proc.returncode, op)
+    dirs = _op_build_dirs(op, root)
+    result = OpBuildInfo(
+        op=info.get("op", op),
+        compatible=bool(info.get("compatible")),
+        was_cached=cached,
+        seconds=elapsed,
+        load_s=info.get("load_s"),
+        build_dir=dirs[0] if dirs else None,
+    )
+    progress(
+        f"DeepSpeed CPU: {result.op} ready in {elapsed:.1f}s"
+        if result.compatible
+        else f"DeepSpeed CPU: {result.op} not compatible here; DeepSpeed will use plain gloo"
+    )
+    return result
+
+
+def _wait_for_build(
+    proc: subprocess.Popen[str],
+    progress: Callable[[str], None],
+    timeout_s: float,
+    root: Path,
+    op: str,
+    start: float,
+    started_wall: float,
+) -> str:
+    """Wait with progress messages, a deadline and stale-lock checks; return output."""
+    next_note = start + _PROGRESS_EVERY_S
+    next_lock_check = start + _LOCK_CHECK_EVERY_S
+    while True:
+        try:
+            out, _ = proc.communicate(timeout=0.5)
+            return out
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now - start > timeout_s:
+            _kill_group(proc)
+            removed = _remove_own_stale_lock(root, op, started_wall - 1)
+            extra = f"; removed the lock it left: {removed[0]}" if removed else ""
+            raise TimeoutError(f"building DeepSpeed op {op} exceeded {timeout_s:g}s{extra}")
+        if now >= next_lock_check:
+            # Our builder may be waiting on a lock whose owner died meanwhile.
+            next_lock_check = now + _LOCK_CHECK_EVERY_S
+            for lock in find_stale_locks(root):
+                if lock.parent.name == op and lock.stat().st_mtime < started_wall:
+                    _kill_group(proc)
+                    raise StaleBuildLockError(stale_lock_message(lock))
+        if now >= next_note:
+            next_note = now + _PROGRESS_EVERY_S
+            progress(f"DeepSpeed CPU: still building {op} ({now - start:.0f}s)")
+
+
+def _parse_build_output(out: str, returncode: int | None, op: str) -> dict[str, Any]:
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    if returncode == 0:
+        try:
+            return json.loads(last)
+        except json.JSONDecodeError:
+            pass
+    tail = "\n".join(out.strip().splitlines()[-30:])
+    raise RuntimeError(f"building DeepSpeed op {op} failed (exit {returncode}):\n{tail}")
+
+
+# --------------------------------------------------------------------------
+# rank function (for run_ranks) used to smoke-test DeepSpeed ZeRO on CPU
+
+
+def zero_init_probe(stage: int = 2, steps: int = 1) -> dict[str, Any]:
+    """Rank function: ``deepspeed.initialize`` a tiny model under ZeRO ``stage``
+    on CPU/gloo and take ``steps`` optimizer steps.
+
+    Uses a torch client optimizer so no further DeepSpeed op (CPUAdam...) is
+    JIT-built. Returns timings and the final loss.
+    """
+    t0 = time.monotonic()
+    import deepspeed
+    import torch
+
+    t1 = time.monotonic()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    t2 = time.monotonic()
+    loss = torch.zeros(())
+    for step in range(steps):
+        x = torch.randn(2, 16, generator=torch.Generator().manual_seed(step))
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    t3 = time.monotonic()
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    return {
+        "rank": torch.distributed.get_rank(),
+        "import_s": t1 - t0,
+        "initialize_s": t2 - t1,
+        "steps_s": t3 - t2,
+        "loss": float(loss.item()),
+        "loaded_ops": sorted(OpBuilder._loaded_ops),
+    }

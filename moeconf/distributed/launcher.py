@@ -1,0 +1,651 @@
+"""Run a rank function on N local processes, with a hang/crash watchdog.
+
+Design choices (why):
+
+* Each rank is a **fresh interpreter** (``subprocess`` running
+  ``python -m moeconf.distributed._rank_main``), not a ``torch.multiprocessing``
+  spawn child: spawn would still unpickle the parent's ``__main__`` and share
+  inherited fds/env in surprising ways, while a clean ``exec`` guarantees that
+  DeepSpeed accelerator selection, ``torch.distributed`` state, JIT-extension
+  handles, etc. never leak between runs or from the test process.
+* All ranks of one run share **one process group** (rank 0 leads a new group,
+  the others join it), so ``os.killpg`` reaches the whole tree, including
+  grandchildren such as compiler or ``ninja`` processes. Rank exits are
+  observed with ``waitid(WNOWAIT)`` and ranks are reaped only after the final
+  ``killpg``: the leader's pid therefore stays reserved and ``killpg`` can
+  never hit an unrelated group that reused the number.
+* Each run exports a unique ``MOECONF_RUN_ID``; cleanup also SIGKILLs any
+  process whose initial environment carries it (catches grandchildren that
+  called ``setsid``), and ranks set ``PR_SET_PDEATHSIG`` so a SIGKILLed parent
+  does not leave orphans.
+* Stacks are collected with ``faulthandler`` on ``SIGUSR1`` (registered by each
+  rank at start-up), which works even while a rank is blocked inside a C++
+  collective.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+Status = Literal["ok", "deadlock", "crash", "error"]
+
+# Exit codes of _rank_main.
+EXIT_OK = 0
+EXIT_FN_FAILED = 1
+EXIT_BAD_INVOCATION = 2
+
+
+def stack_path(run_dir: Path, rank: int) -> Path:
+    """Per-rank file receiving faulthandler dumps on SIGUSR1."""
+    return run_dir / f"rank{rank}.stack.txt"
+
+
+def result_path(run_dir: Path, rank: int) -> Path:
+    """Per-rank pickled result record."""
+    return run_dir / f"rank{rank}.result.pkl"
+
+
+def payload_path(run_dir: Path) -> Path:
+    """Pickled ``(fn_spec, args, backend, pg_timeout_s)`` shared by all ranks."""
+    return run_dir / "payload.pkl"
+
+
+RUN_ID_ENV = "MOECONF_RUN_ID"
+POLL_S = 0.1  # crash detection latency
+STACK_DUMP_WAIT_S = 2.0  # max wait for faulthandler dumps after SIGUSR1
+TAIL_BYTES = 8192  # stdout/stderr tail kept per rank
+PORT_ATTEMPTS = 3  # retries when the chosen MASTER_PORT was taken meanwhile
+# The in-rank collective timeout must exceed the watchdog deadline, otherwise
+# a hang would surface as a gloo timeout exception ("crash") instead of a
+# "deadlock" with stacks.
+PG_TIMEOUT_MARGIN_S = 60.0
+
+
+@dataclass
+class RankOutcome:
+    """What happened to one rank."""
+
+    rank: int
+    exitcode: int | None = None
+    """Process exit status; negative = killed by that signal (``Popen`` style)."""
+    signal: str | None = None
+    """Name of the signal that ended the rank (e.g. ``"SIGKILL"``), if any."""
+    result: Any = None
+    """Return value of the rank function (only when it returned)."""
+    exception: str | None = None
+    """Formatted traceback when the rank function (or init) raised."""
+    stack: str | None = None
+    """faulthandler dump of all threads, taken on a hang or a peer's crash."""
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    killed_by_launcher: bool = False
+    """True when the rank was still alive and the watchdog killed it."""
+
+    def describe_exit(self) -> str:
+        """One-line exit summary."""
+        if self.killed_by_launcher:
+            return "killed by the launcher (was still running)"
+        if self.signal:
+            return f"killed by {self.signal}"
+        return f"exit code {self.exitcode}"
+
+
+@dataclass
+class MultiRankResult:
+    """Outcome of :func:`run_ranks`."""
+
+    status: Status
+    outcomes: list[RankOutcome]
+    elapsed_s: float
+    world_size: int
+    deadline_s: float
+    fn: str
+    master_port: int | None = None
+    failed_rank: int | None = None
+    """For ``"crash"``: the rank that died first."""
+    message: str = ""
+    run_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def results(self) -> list[Any]:
+        """Return values indexed by rank (``None`` for ranks that did not return)."""
+        return [o.result for o in self.outcomes]
+
+    @property
+    def stacks(self) -> list[str | None]:
+        """Stack dumps indexed by rank."""
+        return [o.stack for o in self.outcomes]
+
+    def raise_for_status(self) -> MultiRankResult:
+        """Raise ``RuntimeError(report())`` unless the run succeeded."""
+        if not self.ok:
+            raise RuntimeError(self.report())
+        return self
+
+    def report(self) -> str:
+        """Readable multi-line text with every rank's exit, traceback and stack."""
+        lines = [
+            f"run_ranks({self.fn}) world_size={self.world_size} status={self.status.upper()} "
+            f"elapsed={self.elapsed_s:.1f}s deadline={self.deadline_s:g}s port={self.master_port}",
+        ]
+        if self.message:
+            lines.append(self.message)
+        for o in self.outcomes:
+            lines.append(f"--- rank {o.rank}: {o.describe_exit()}")
+            if o.exception:
+                lines += ["  exception:", _indent(o.exception)]
+            if o.stack:
+                lines += ["  stack:", _indent(o.stack)]
+            elif self.status != "ok" and not o.exception:
+                lines.append("  stack: <none: process was already gone or did not answer SIGUSR1>")
+            if self.status != "ok" and o.stderr_tail.strip():
+                lines += ["  stderr (tail):", _indent(o.stderr_tail)]
+        return "\n".join(lines)
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.rstrip().splitlines())
+
+
+# --------------------------------------------------------------------------
+# process bookkeeping (module level so atexit can reach every live run)
+
+_live_runs: dict[str, int] = {}  # run_id -> pgid
+_live_lock = threading.Lock()
+
+
+def _kill_everything_at_exit() -> None:
+    with _live_lock:
+        runs = list(_live_runs.items())
+    for run_id, pgid in runs:
+        _killpg(pgid)
+        _kill_marked(run_id)
+
+
+atexit.register(_kill_everything_at_exit)
+
+
+def _killpg(pgid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _proc_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _pgid_and_state(pid: int) -> tuple[int, str] | None:
+    """(pgrp, state) from /proc/PID/stat; the comm field may contain ')' or spaces."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[2]), fields[0]
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Non-zombie processes in process group ``pgid``."""
+    out = []
+    for pid in _proc_pids():
+        info = _pgid_and_state(pid)
+        if info and info[0] == pgid and info[1] not in ("Z", "X"):
+            out.append(pid)
+    return out
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live processes whose initial environment contains ``key=value``."""
+    needle = f"{key}={value}".encode()
+    me = os.getpid()
+    found = []
+    for pid in _proc_pids():
+        if pid == me:
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue  # gone, zombie or not ours
+        if needle in env.split(b"\0"):
+            found.append(pid)
+    return found
+
+
+def _kill_marked(run_id: str) -> None:
+    for pid in processes_with_env(RUN_ID_ENV, run_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _exit_status_nowait(pid: int) -> int | None:
+    """Popen-style return code if ``pid`` has exited, without reaping it."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return 0  # reaped by someone else; nothing more to learn
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status
+    return -info.si_status  # CLD_KILLED / CLD_DUMPED
+
+
+def _signal_name(returncode: int | None) -> str | None:
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind 0 then close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _read_tail(path: Path, nbytes: int = TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - nbytes))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------
+# fn / env preparation
+
+
+def fn_spec(fn: str | Callable[..., Any]) -> str:
+    """Normalise ``fn`` to ``"package.module:qualname"`` and check it is importable
+    by a fresh interpreter (no lambdas, closures or ``__main__`` functions)."""
+    if isinstance(fn, str):
+        if ":" not in fn:
+            raise ValueError(f"fn string must be 'package.module:attr', got {fn!r}")
+        return fn
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not module or not qualname:
+        raise TypeError(f"cannot address {fn!r} by qualified name; pass 'pkg.module:attr'")
+    if module == "__main__" or "<" in qualname:
+        raise ValueError(
+            f"{module}.{qualname} is not importable from a fresh interpreter "
+            "(lambda, closure or __main__); move it to an importable module"
+        )
+    return f"{module}:{qualname}"
+
+
+def _pythonpath() -> str:
+    """Parent's sys.path first, so anything importable here (e.g. test modules
+    that pytest put on sys.path) is importable in the ranks too."""
+    entries = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    existing = os.environ.get("PYTHONPATH")
+    if existing:
+        entries.append(existing)
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
+def _rank_env(
+    base: dict[str, str], rank: int, world_size: int, port: int, run_id: str
+) -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MOECONF_PARENT_PID=str(os.getpid()),
+        PYTHONUNBUFFERED="1",  # tails must be complete even if we SIGKILL
+        PYTHONFAULTHANDLER="1",  # fatal signals (SIGSEGV...) dump to stderr
+        PYTHONPATH=_pythonpath(),
+    )
+    env[RUN_ID_ENV] = run_id
+    return env
+
+
+def _base_env(world_size: int, user_env: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    # N ranks each spawning one thread per core would oversubscribe the CPU
+    # badly (2 cores here); the caller can still override.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    if user_env:
+        env.update(user_env)
+    return env
+
+
+# --------------------------------------------------------------------------
+# one attempt (one port, one temp dir, one process group)
+
+
+class _Attempt:
+    """Spawns the ranks of one attempt, watches them, and always cleans up."""
+
+    def __init__(
+        self,
+        spec: str,
+        args: tuple[Any, ...],
+        world_size: int,
+        deadline_s: float,
+        backend: str | None,
+        base_env: dict[str, str],
+        start: float,
+    ) -> None:
+        self.spec = spec
+        self.world_size = world_size
+        self.deadline_s = deadline_s
+        self.start = start
+        self.run_id = uuid.uuid4().hex
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="moeconf-ranks-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pgid: int | None = None
+        self.exit_codes: list[int | None] = [None] * world_size
+        self.death_tick: dict[int, int] = {}  # rank -> poll iteration that saw it exit
+        self.killed_by_launcher: set[int] = set()
+        self.stacks: dict[int, str] = {}
+        self.closed = False
+        try:
+            with open(payload_path(self.dir), "wb") as fh:
+                pickle.dump((spec, args, backend, deadline_s + PG_TIMEOUT_MARGIN_S), fh)
+        except BaseException:
+            self.remove_dir()
+            raise
+        self.base_env = base_env
+
+    # -- lifecycle --------------------------------------------------------
+
+    def spawn(self) -> None:
+        for rank in range(self.world_size):
+            env = _rank_env(self.base_env, rank, self.world_size, self.port, self.run_id)
+            with open(self.dir / f"rank{rank}.stdout.txt", "wb") as out, open(
+                self.dir / f"rank{rank}.stderr.txt", "wb"
+            ) as err:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "moeconf.distributed._rank_main", str(self.dir)],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    # rank 0 leads a fresh group; the rest join it (rank 0 is
+                    # never reaped before the end, so the group id stays valid).
+                    process_group=0 if self.pgid is None else self.pgid,
+                    close_fds=True,
+                )
+            self.procs.append(proc)
+            if self.pgid is None:
+                self.pgid = proc.pid
+                with _live_lock:
+                    _live_runs[self.run_id] = self.pgid
+
+    def watch(self) -> Status:
+        """Poll until all ranks succeed, one fails, or the deadline passes."""
+        tick = 0
+        while True:
+            tick += 1
+            # Poll every rank before judging, so simultaneous deaths all get
+            # the same tick (needed to pick the culprit fairly).
+            for rank, proc in enumerate(self.procs):
+                if self.exit_codes[rank] is None:
+                    code = _exit_status_nowait(proc.pid)
+                    if code is not None:
+                        self.exit_codes[rank] = code
+                        self.death_tick[rank] = tick
+            if any(self._failed(r) for r in self.death_tick):
+                return "crash"
+            if len(self.death_tick) == self.world_size:
+                return "ok"
+            if time.monotonic() - self.start >= self.deadline_s:
+                return "deadlock"
+            time.sleep(POLL_S)
+
+    def _failed(self, rank: int) -> bool:
+        """Exited non-zero, by a signal, or without reporting a result."""
+        return self.exit_codes[rank] != 0 or not result_path(self.dir, rank).exists()
+
+    def alive_ranks(self) -> list[int]:
+        return [r for r, p in enumerate(self.procs) if _exit_status_nowait(p.pid) is None]
+
+    def dump_stacks(self, ranks: list[int]) -> None:
+        """SIGUSR1 each rank, then wait (bounded) until its dump file settles."""
+        for rank in ranks:
+            try:
+                os.kill(self.procs[rank].pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        pending = set(ranks)
+        sizes: dict[int, int] = {}
+        deadline = time.monotonic() + STACK_DUMP_WAIT_S
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+            for rank in list(pending):
+                path = stack_path(self.dir, rank)
+                size = path.stat().st_size if path.exists() else 0
+                # non-empty and unchanged since last look => dump is complete;
+                # a rank that exited meanwhile will not write any more.
+                exited = _exit_status_nowait(self.procs[rank].pid) is not None
+                if exited or (size and sizes.get(rank) == size):
+                    pending.discard(rank)
+                sizes[rank] = size
+        for rank in ranks:
+            text = _read_tail(stack_path(self.dir, rank), 1 << 20).strip()
+            if text:
+                self.stacks[rank] = text
+
+    def kill_all(self) -> None:
+        """SIGKILL the group and marked escapees, wait for them, then reap ranks.
+
+        Idempotent: after the ranks are reaped the group id may be reused by
+        an unrelated process group, so it must never be signalled again."""
+        if self.closed:
+            return
+        self.closed = True
+        for rank in self.alive_ranks():
+            self.killed_by_launcher.add(rank)
+        for _ in range(50):  # ~5 s worst case; SIGKILL normally takes ms
+            if self.pgid is not None:
+                _killpg(self.pgid)
+            _kill_marked(self.run_id)
+            if not (self.pgid and live_group_members(self.pgid)) and not processes_with_env(
+                RUN_ID_ENV, self.run_id
+            ):
+                break
+            time.sleep(0.1)
+        for rank, proc in enumerate(self.procs):
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - D-state process
+                code = None
+            if self.exit_codes[rank] is None:
+                self.exit_codes[rank] = code
+        with _live_lock:
+            _live_runs.pop(self.run_id, None)
+
+    def remove_dir(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- results ------------------------------------------------------------
+
+    def outcomes(self) -> list[RankOutcome]:
+        return [self._outcome(rank) for rank in range(self.world_size)]
+
+    def _outcome(self, rank: int) -> RankOutcome:
+        code = self.exit_codes[rank]
+        outcome = RankOutcome(
+            rank=rank,
+            exitcode=code,
+            signal=_signal_name(code),
+            stack=self.stacks.get(rank),
+            stdout_tail=_read_tail(self.dir / f"rank{rank}.stdout.txt"),
+            stderr_tail=_read_tail(self.dir / f"rank{rank}.stderr.txt"),
+            killed_by_launcher=rank in self.killed_by_launcher,
+        )
+        record = self._record(rank)
+        if record is None:
+            return outcome
+        if record["kind"] == "ok":
+            outcome.result = record["value"]
+        else:
+            outcome.exception = record["text"]
+        return outcome
+
+    def _record(self, rank: int) -> dict[str, Any] | None:
+        path = result_path(self.dir, rank)
+        if not path.exists():
+            return None
+        try:
+            with open(path, "rb") as fh:
+                return pickle.load(fh)
+        except Exception as exc:  # e.g. result class not importable in the parent
+            return {"kind": "exception", "text": f"cannot unpickle rank {rank} result: {exc!r}"}
+
+    def port_clash(self) -> bool:
+        """Did init fail because MASTER_PORT was taken after we picked it?"""
+        for rank in range(self.world_size):
+            record = self._record(rank)
+            if record and record.get("addr_in_use"):
+                return True
+        return False
+
+    def first_failed_rank(self) -> int | None:
+        """The rank that died first. Ranks seen dead in the same poll tick are
+        ordered: killed by a signal first, then by when they wrote their
+        exception record (the culprit raises before its peers notice the
+        broken connection and raise in turn)."""
+
+        def key(rank: int) -> tuple[int, int, int]:
+            signalled = (self.exit_codes[rank] or 0) < 0
+            try:
+                written = result_path(self.dir, rank).stat().st_mtime_ns
+            except OSError:
+                written = 0
+            return (self.death_tick[rank], 0 if signalled else 1, written)
+
+        failed = [r for r in self.death_tick if self._failed(r)]
+        return min(failed, key=key) if failed else None
+
+
+# --------------------------------------------------------------------------
+# public entry point
+
+
+def run_ranks(
+    fn: str | Callable[..., Any],
+    args: tuple[Any, ...] = (),
+    *,
+    world_size: int = 2,
+    deadline_s: float = 60,
+    backend: str | None = "gloo",
+    env: dict[str, str] | None = None,
+) -> MultiRankResult:
+    """Run ``fn(*args)`` on ``world_size`` fresh local processes.
+
+    ``fn`` is a module-level callable or a ``"package.module:attr"`` string; it
+    and ``args`` must be importable/picklable, and its return value picklable.
+    Each rank gets ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/
+    ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` and has ``torch.distributed`` already
+    initialised with ``backend`` (``None`` = let ``fn`` do it).
+
+    Never raises for rank failures; inspect ``.status`` / ``.report()``:
+
+    * ``"ok"``: every rank returned; ``.results[rank]`` holds the values.
+    * ``"deadlock"``: ``deadline_s`` passed with ranks still running; every
+      live rank's stack was dumped before everything was killed.
+    * ``"crash"``: a rank exited non-zero, was killed by a signal or raised;
+      ``.failed_rank`` names it, the others' stacks are attached.
+    * ``"error"``: the launcher itself failed (spawn error, no free port).
+
+    Whatever happens (including ``KeyboardInterrupt``), no rank process, child
+    of a rank, or temp file survives the call.
+    """
+    spec = fn_spec(fn)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    pickle.dumps(args)  # fail here, not in N ranks, on unpicklable args
+    base_env = _base_env(world_size, env)
+    start = time.monotonic()
+    message = ""
+    attempt: _Attempt | None = None
+    for attempt_no in range(PORT_ATTEMPTS):
+        attempt = _Attempt(spec, args, world_size, deadline_s, backend, base_env, start)
+        try:
+            try:
+                attempt.spawn()
+            except OSError as exc:
+                return _finish(attempt, "error", start, f"failed to start ranks: {exc!r}")
+            status = attempt.watch()
+            if status == "crash" and attempt_no + 1 < PORT_ATTEMPTS and attempt.port_clash():
+                message = f"port {attempt.port} was taken; retried on a new port"
+                continue  # the finally below kills this attempt first
+            return _finish(attempt, status, start, message)
+        finally:
+            # no-op when _finish already ran; essential on KeyboardInterrupt
+            attempt.kill_all()
+            attempt.remove_dir()
+    assert attempt is not None
+    return MultiRankResult(  # pragma: no cover - needs 3 port clashes in a row
+        status="error",
+        outcomes=[],
+        elapsed_s=time.monotonic() - start,
+        world_size=world_size,
+        deadline_s=deadline_s,
+        fn=spec,
+        message=f"MASTER_PORT taken {PORT_ATTEMPTS} times in a row",
+    )
+
+
+def _finish(attempt: _Attempt, status: Status, start: float, message: str) -> MultiRankResult:
+    """Collect stacks of live ranks if needed, kill everything, build the result."""
+    failed_rank = None
+    if status in ("deadlock", "crash"):
+        attempt.dump_stacks(attempt.alive_ranks())
+    attempt.kill_all()
+    if status == "crash":
+        failed_rank = attempt.first_failed_rank()
+        if failed_rank is not None:
+            message = (message + "\n" if message else "") + f"rank {failed_rank} failed first"
+    elif status == "deadlock":
+        message = (message + "\n" if message else "") + (
+            f"deadline of {attempt.deadline_s:g}s passed with ranks "
+            f"{sorted(attempt.killed_by_launcher)} still running"
+        )
+    return MultiRankResult(
+        status=status,
+        outcomes=attempt.outcomes(),
+        elapsed_s=time.monotonic() - start,
+        world_size=attempt.world_size,
+        deadline_s=attempt.deadline_s,
+        fn=attempt.spec,
+        master_port=attempt.port,
+        failed_rank=failed_rank,
+        message=message,
+        run_id=attempt.run_id,
+    )

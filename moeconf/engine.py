@@ -1,0 +1,148 @@
+"""The one way through: entry → inputs → reference → backend → checks → records.
+
+Both fronts use this: the pytest parity suite (one test per arch × backend × dtype × device) and
+``moeconf check``. Neither is a second runner of the other.
+"""
+
+from __future__ import annotations
+
+import shlex
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from moeconf.backends import Backend, RunRequest, resolve_backend
+from moeconf.cases import CASES, Case, CaseError, make_inputs
+from moeconf.checks import CHECKS, CheckInput, Outcome, applicable_checks
+from moeconf.devices import DTYPES
+from moeconf.reference import reference_forward, reference_gradients
+from moeconf.registry import ArchEntry, get_entry
+from moeconf.registry.entry import Status
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One record of a report (the JSON schema's ``results[]``)."""
+
+    arch: str
+    backend: str
+    dtype: str
+    device: str
+    case: str
+    check: str
+    status: Status
+    max_abs_err: float | None
+    max_rel_err: float | None
+    atol: float | None
+    rtol: float | None
+    message: str
+    repro: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to run; every field is a CLI option of ``moeconf check``."""
+
+    archs: tuple[str, ...]
+    backends: tuple[str, ...] = ("hf-eager",)
+    dtypes: tuple[str, ...] = ("fp32",)
+    device: str = "cpu"
+    cases: tuple[str, ...] = tuple(c.name for c in CASES)
+    checks: tuple[str, ...] = tuple(CHECKS)
+    seed: int = 0
+    program: str = field(default="moeconf", compare=False)
+
+
+def repro_command(sel: Selection, arch: str, backend: str, dtype: str, case: str, check: str) -> str:
+    """A command line that reruns exactly one record."""
+    args = [sel.program, "check", "--arch", arch, "--backend", backend, "--dtype", dtype, "--device", sel.device,
+            "--case", case, "--check", check, "--seed", str(sel.seed)]
+    return shlex.join(args)
+
+
+def _status(outcome: Outcome, expectation_status: str | None) -> Status:
+    if outcome.passed is None:
+        return "skip"
+    if expectation_status == "xfail":
+        return "xfail" if not outcome.passed else "fail"  # strict: an unexpected pass is a stale declaration
+    return "pass" if outcome.passed else "fail"
+
+
+def _records(
+    sel: Selection, entry: ArchEntry, backend_name: str, dtype: str, case: Case, checks: Iterable[str],
+    outcome_of: Callable[[str], Outcome],
+) -> list[CheckResult]:
+    records = []
+    for check in checks:
+        expectation = entry.expectation(check, backend_name, dtype, sel.device)
+        if expectation is not None and expectation.status == "skip":
+            outcome, status = Outcome(None, message=f"declared skip: {expectation.reason}"), "skip"
+        else:
+            outcome = outcome_of(check)
+            status = _status(outcome, expectation.status if expectation else None)
+            if expectation is not None:
+                verdict = "failed as declared" if status == "xfail" else "passed, but is declared xfail"
+                outcome = Outcome(outcome.passed, outcome.max_abs_err, outcome.max_rel_err, outcome.tol,
+                                  f"{verdict}: {expectation.reason}. {outcome.message}".strip())
+        tol = outcome.tol
+        records.append(CheckResult(
+            arch=entry.model_type, backend=backend_name, dtype=dtype, device=sel.device, case=case.name, check=check,
+            status=status, max_abs_err=outcome.max_abs_err, max_rel_err=outcome.max_rel_err,
+            atol=tol.atol if tol else None, rtol=tol.rtol if tol else None, message=outcome.message,
+            repro=repro_command(sel, entry.model_type, backend_name, dtype, case.name, check),
+        ))
+    return records
+
+
+def _one_line(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def run_group(
+    sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dtype: str, case: Case
+) -> Iterator[list[CheckResult]]:
+    """Records of one (arch, dtype, case) for every backend; the reference is computed once."""
+    checks = [c for c in applicable_checks(entry.spec) if c in sel.checks]
+    torch_dtype = DTYPES[dtype]
+    try:
+        inputs = make_inputs(entry.spec, case, torch_dtype, sel.seed)
+        reference = reference_forward(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask)
+        ref_grads = reference_gradients(entry.spec, inputs.params, inputs.hidden, inputs.grad_output)
+    except CaseError as exc:
+        for name in backends:
+            yield _records(sel, entry, name, dtype, case, checks, lambda _c, e=exc: Outcome(False, message=f"inputs: {e}"))
+        return
+    for name, backend in backends.items():
+        reason = backend.supports(entry, dtype, sel.device) if dtype in backend.dtypes else f"{name} does not run {dtype}"
+        if reason is not None:
+            yield _records(sel, entry, name, dtype, case, checks, lambda _c, r=reason: Outcome(None, message=r))
+            continue
+        request = RunRequest(entry, inputs.params, inputs.hidden, inputs.attention_mask, inputs.grad_output,
+                             torch_dtype, sel.device)
+        try:
+            observation = backend.run(request)
+        except Exception as exc:  # the backend broke: report it, keep gating the rest
+            message = f"backend raised {_one_line(exc)}"
+            yield [
+                CheckResult(**{**r.to_dict(), "status": "error", "message": message})  # type: ignore[arg-type]
+                for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))
+            ]
+            continue
+        check_input = CheckInput(entry.spec, reference, ref_grads, observation, dtype)
+        yield _records(sel, entry, name, dtype, case, checks, lambda c: CHECKS[c](check_input))
+
+
+def run_selection(sel: Selection) -> Iterator[list[CheckResult]]:
+    """Every record of the selection, one (arch, dtype, case) group at a time (for progress output)."""
+    backends = {name: resolve_backend(name) for name in sel.backends}
+    cases = [c for c in CASES if c.name in sel.cases]
+    for arch in sel.archs:
+        entry = get_entry(arch)
+        for dtype in sel.dtypes:
+            for case in cases:
+                yield from run_group(sel, entry, backends, dtype, case)

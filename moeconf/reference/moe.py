@@ -1,0 +1,135 @@
+"""Reference MoE block: experts, shared experts, output and losses, in float64.
+
+``reference_forward`` is the spec of a block: for tokens ``x [B, S, H]`` it returns routing, output
+and losses; gradients come from autograd on it (``reference_gradients``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeconf.params import NOT_TRAINED, Params
+from moeconf.reference.losses import load_balancing_loss, router_z_loss
+from moeconf.reference.router import Routing, route
+from moeconf.spec import Activation, ExpertSpec, MoESpec
+
+
+def activation(name: Activation, x: torch.Tensor) -> torch.Tensor:
+    """The activations the spec names."""
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    return F.relu(x).square()  # relu2 (NemotronH)
+
+
+def expert_mlp(experts: ExpertSpec, params: Params, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` applied to ``x [n, H] → [n, H]``."""
+    bias = experts.bias
+
+    def proj(name: str) -> torch.Tensor:
+        return F.linear(x, params[f"experts.w_{name}"][e], params[f"experts.b_{name}"][e] if bias else None)
+
+    up = proj("up")
+    if experts.glu == "none":
+        hidden = activation(experts.activation, up)
+    elif experts.glu == "swiglu":
+        hidden = activation(experts.activation, proj("gate")) * up
+    else:  # GPT-OSS: clamp gate from above, up both ways, then (up + 1)·g·σ(αg)
+        limit = experts.gptoss_limit
+        gate = proj("gate").clamp(max=limit)
+        hidden = (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(experts.gptoss_alpha * gate)
+    return F.linear(hidden, params["experts.w_down"][e], params["experts.b_down"][e] if bias else None)
+
+
+def shared_mlp(spec: MoESpec, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Shared expert(s) ``[N, H] → [N, H]``, gated if the spec says so."""
+    assert spec.shared is not None
+    hidden = activation(spec.shared.activation, F.linear(x, params["shared.w_gate"])) * F.linear(x, params["shared.w_up"])
+    out = F.linear(hidden, params["shared.w_down"])
+    if spec.shared.gate == "sigmoid":
+        out = torch.sigmoid(F.linear(x, params["shared.gate"])) * out
+    return out
+
+
+def routed_output(spec: MoESpec, params: Params, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Σ over selected (and kept) slots of weight × expert, ``[N, H]``.
+
+    Loops over experts the plain way: the reference is read, not raced.
+    """
+    out = torch.zeros_like(x)
+    weights = routing.weights * routing.kept
+    for e in range(spec.num_experts):
+        token, slot = torch.where((routing.index == e) & routing.kept)
+        if token.numel() == 0:
+            continue
+        w = weights[token, slot].unsqueeze(-1)
+        if spec.experts.weight_site == "input":  # Llama-4 scales what goes *into* the expert
+            y = expert_mlp(spec.experts, params, e, w * x[token])
+        else:
+            y = w * expert_mlp(spec.experts, params, e, x[token])
+        out = out.index_add(0, token, y)
+    if spec.router.capacity is not None and spec.router.capacity.dropped == "passthrough":
+        dropped = ~routing.kept.any(dim=-1)
+        out = out + dropped.unsqueeze(-1) * routing.weights.sum(dim=-1, keepdim=True) * x
+    if spec.router.scaling_site == "output":
+        out = out * spec.router.routed_scaling
+    return out
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    """Everything the reference says a block computes for one batch.
+
+    Attributes:
+        routing: the reference routing of the ``N = B·S`` flattened tokens.
+        output: ``[B, S, H]``.
+        aux_loss: Switch/GShard load-balancing loss over non-padded tokens (None if the spec has none).
+        z_loss: router z-loss (None if the spec has none).
+    """
+
+    routing: Routing
+    output: torch.Tensor
+    aux_loss: torch.Tensor | None
+    z_loss: torch.Tensor | None
+
+
+def reference_forward(
+    spec: MoESpec, params: Params, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> ReferenceResult:
+    """The reference block on ``x [B, S, H]`` (float64 expected); ``attention_mask [B, S]`` only
+    affects the losses (padded rows are excluded from the load-balancing statistics)."""
+    b, s, h = x.shape
+    flat = x.reshape(b * s, h)
+    routing = route(spec, params, flat, tokens_per_sequence=s)
+    out = routed_output(spec, params, flat, routing)
+    if spec.shared is not None:
+        out = out + shared_mlp(spec, params, flat)
+    aux = z = None
+    if spec.losses.aux == "switch":
+        aux = load_balancing_loss(routing.logits, spec.top_k, attention_mask)
+    if spec.losses.z_loss:
+        z = router_z_loss(routing.logits, attention_mask)
+    return ReferenceResult(routing=routing, output=out.reshape(b, s, h), aux_loss=aux, z_loss=z)
+
+
+def reference_gradients(
+    spec: MoESpec, params: Params, x: torch.Tensor, grad_output: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Gradients of ``⟨output, grad_output⟩`` w.r.t. the input (``"input"``) and every trained parameter."""
+    leaves = {k: v.detach().clone().requires_grad_(k not in NOT_TRAINED) for k, v in params.items()}
+    x = x.detach().clone().requires_grad_(True)
+    out = reference_forward(spec, leaves, x).output
+    trained = [k for k in leaves if k not in NOT_TRAINED]
+    grads = torch.autograd.grad(out, [x] + [leaves[k] for k in trained], grad_output, allow_unused=True)
+    result = {"input": grads[0]}
+    for name, grad in zip(trained, grads[1:]):
+        result[name] = grad if grad is not None else torch.zeros_like(leaves[name])
+    return result
