@@ -118,6 +118,10 @@ def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: 
     hidden = candidates[chosen].reshape(case.batch, case.seq, spec.hidden)
     mask = torch.ones(case.batch, case.seq, dtype=torch.int64)
     if case.batch > 1 and case.seq > 2:
-        mask[0, : case.seq // 3] = 0  # left padding on the first row: excluded from the aux statistics
+        # Left padding on the first row. Padding positions share one embedding, as pad tokens do, so
+        # they all route alike and skew the statistics of any aux loss that forgets the mask.
+        pad = case.seq // 2
+        mask[0, :pad] = 0
+        hidden[0, :pad] = hidden[0, 0]
     grad_output = torch.randn(hidden.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
     return Inputs(params=params, hidden=hidden, attention_mask=mask, grad_output=grad_output)

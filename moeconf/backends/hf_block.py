@@ -83,12 +83,13 @@ def load_params(entry: ArchEntry, block: nn.Module, params: Params) -> None:
         for binding in entry.params:
             target = _tensor_at(block, binding.path)
             value = LAYOUTS[binding.layout].to_block(*(params[name] for name in binding.canonical))
-            if value.numel() != target.numel():
+            # NOTE: shapes must match exactly (no reshape): with H ≠ I a wrong layout cannot slip through.
+            if value.shape != target.shape:
                 raise EntryError(
                     f"{entry.model_type}: binding {binding.path} ({binding.layout}) builds {tuple(value.shape)}, "
                     f"block has {tuple(target.shape)}"
                 )
-            target.copy_(value.reshape(target.shape).to(target.dtype))
+            target.copy_(value.to(target.dtype))
 
 
 def canonical_grads(entry: ArchEntry, block: nn.Module) -> dict[str, torch.Tensor | None]:

@@ -67,14 +67,31 @@ def _die_with_parent() -> None:
         os._exit(EXIT_BAD_INVOCATION)
 
 
-def resolve_fn(spec: str) -> Callable[..., Any]:
-    """Import ``"package.module:attr.path"`` and return the attribute."""
+def resolve_fn(spec: str, fallback_file: str | None = None) -> Callable[..., Any]:
+    """Import ``"package.module:attr.path"`` and return the attribute.
+
+    If the module cannot be imported by name but the parent told us its file
+    (e.g. pytest's ``--import-mode=importlib`` gives test modules names that
+    are not on ``sys.path``), load it from that file under the same name, so
+    pickled args/results referring to it still resolve.
+    """
     import importlib
+    import importlib.util
 
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path:
         raise ValueError(f"rank function spec must look like 'pkg.module:attr', got {spec!r}")
-    obj: Any = importlib.import_module(module_name)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if not fallback_file:
+            raise
+        file_spec = importlib.util.spec_from_file_location(module_name, fallback_file)
+        if file_spec is None or file_spec.loader is None:
+            raise
+        obj = importlib.util.module_from_spec(file_spec)
+        sys.modules[module_name] = obj
+        file_spec.loader.exec_module(obj)
     for part in attr_path.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
@@ -163,12 +180,13 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
 
     with open(payload_path(run_dir), "rb") as fh:
-        fn_spec, args, backend, pg_timeout_s = pickle.load(fh)
+        fn_spec, fn_file, args_blob, backend, pg_timeout_s = pickle.load(fh)
     out = result_path(run_dir, rank)
 
     phase = "import"
     try:
-        fn = resolve_fn(fn_spec)
+        fn = resolve_fn(fn_spec, fn_file)
+        args = pickle.loads(args_blob)  # after the import: args may use its classes
         if backend is not None:
             phase = "init"
             _init_process_group(backend, pg_timeout_s)

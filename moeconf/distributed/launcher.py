@@ -60,7 +60,7 @@ def result_path(run_dir: Path, rank: int) -> Path:
 
 
 def payload_path(run_dir: Path) -> Path:
-    """Pickled ``(fn_spec, args, backend, pg_timeout_s)`` shared by all ranks."""
+    """Pickled ``(fn_spec, fn_file, pickled_args, backend, pg_timeout_s)``."""
     return run_dir / "payload.pkl"
 
 
@@ -302,6 +302,14 @@ def fn_spec(fn: str | Callable[..., Any]) -> str:
     return f"{module}:{qualname}"
 
 
+def _module_file(spec: str) -> str | None:
+    """Source file of the fn's module if the parent has it loaded (fallback for
+    ranks that cannot import it by name)."""
+    module = sys.modules.get(spec.partition(":")[0])
+    path = getattr(module, "__file__", None)
+    return os.path.abspath(path) if path else None
+
+
 def _pythonpath() -> str:
     """Parent's sys.path first, so anything importable here (e.g. test modules
     that pytest put on sys.path) is importable in the ranks too."""
@@ -352,7 +360,8 @@ class _Attempt:
     def __init__(
         self,
         spec: str,
-        args: tuple[Any, ...],
+        fn_file: str | None,
+        args_blob: bytes,
         world_size: int,
         deadline_s: float,
         backend: str | None,
@@ -375,7 +384,8 @@ class _Attempt:
         self.closed = False
         try:
             with open(payload_path(self.dir), "wb") as fh:
-                pickle.dump((spec, args, backend, deadline_s + PG_TIMEOUT_MARGIN_S), fh)
+                header = (spec, fn_file, args_blob, backend, deadline_s + PG_TIMEOUT_MARGIN_S)
+                pickle.dump(header, fh)
         except BaseException:
             self.remove_dir()
             raise
@@ -589,13 +599,14 @@ def run_ranks(
     spec = fn_spec(fn)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    pickle.dumps(args)  # fail here, not in N ranks, on unpicklable args
+    args_blob = pickle.dumps(args)  # fail here, not in N ranks, on unpicklable args
+    fn_file = _module_file(spec)
     base_env = _base_env(world_size, env)
     start = time.monotonic()
     message = ""
     attempt: _Attempt | None = None
     for attempt_no in range(PORT_ATTEMPTS):
-        attempt = _Attempt(spec, args, world_size, deadline_s, backend, base_env, start)
+        attempt = _Attempt(spec, fn_file, args_blob, world_size, deadline_s, backend, base_env, start)
         try:
             try:
                 attempt.spawn()
@@ -637,6 +648,11 @@ def _finish(attempt: _Attempt, status: Status, start: float, message: str) -> Mu
             f"deadline of {attempt.deadline_s:g}s passed with ranks "
             f"{sorted(attempt.killed_by_launcher)} still running"
         )
+        if any("file_baton.py" in s for s in attempt.stacks.values()):
+            message += (
+                "\nhint: ranks wait on a torch-extension build lock; a killed build leaves "
+                "it behind - see moeconf.distributed.deepspeed_env.find_stale_locks()"
+            )
     return MultiRankResult(
         status=status,
         outcomes=attempt.outcomes(),

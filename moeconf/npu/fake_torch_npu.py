@@ -40,11 +40,12 @@ def _build_module() -> ModuleType:
     # A spec makes importlib.util.find_spec("torch_npu") answer like an installed module; no __path__, so
     # `import torch_npu.<sub>` fails instead of silently reaching a real submodule.
     module.__spec__ = importlib.machinery.ModuleSpec(MODULE_NAME, loader=None)
-    module.__version__ = _EMULATOR_VERSION
-    module.__moeconf_emulator__ = True
-    module.__all__ = list(EMULATED_OPS)
-    for name in EMULATED_OPS:
-        setattr(module, name, getattr(emulator, name))
+    module.__dict__.update(
+        __version__=_EMULATOR_VERSION,
+        __moeconf_emulator__=True,
+        __all__=list(EMULATED_OPS),
+        **{name: getattr(emulator, name) for name in EMULATED_OPS},
+    )
     return module
 
 

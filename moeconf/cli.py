@@ -1,0 +1,135 @@
+"""Command line: ``moeconf list | check`` (also ``python -m moeconf``).
+
+Exit codes: 0 every record passed (xfail counts as passed), 1 a check failed or errored,
+2 usage or configuration error (one line naming what was wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from moeconf.backends import available_backends, resolve_backend
+from moeconf.cases import CASE_NAMES
+from moeconf.checks import CHECKS
+from moeconf.devices import DEVICES, DTYPES
+from moeconf.engine import CheckResult, Selection, run_selection
+from moeconf.registry import REGISTRY, UnknownName, get_entry
+from moeconf.report import FAILING, RENDERERS, progress_line, write_atomically
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_BACKENDS = ("hf-eager", "hf-grouped-mm", "hf-batched-mm")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit 2."""
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeconf", description="Conformance gate for Mixture-of-Experts layers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lst = sub.add_parser("list", help="architectures x backends with their status")
+    lst.add_argument("--backend", nargs="+", default=list(DEFAULT_BACKENDS), help="backends to show")
+    lst.add_argument("--device", default="cpu", choices=DEVICES)
+    lst.add_argument("--format", default="text", choices=("text", "json"))
+
+    chk = sub.add_parser("check", help="run the parity checks against the float64 reference")
+    chk.add_argument("--arch", nargs="+", metavar="A", help="model types (default: every registered one)")
+    chk.add_argument("--backend", nargs="+", default=["hf-eager"], metavar="B",
+                     help="backend names, entry points, or package.module:attr (default: hf-eager)")
+    chk.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
+    chk.add_argument("--device", default="cpu", choices=DEVICES)
+    chk.add_argument("--case", nargs="+", choices=CASE_NAMES, help="input cases (default: all)")
+    chk.add_argument("--check", nargs="+", choices=list(CHECKS), help="checks (default: all that apply)")
+    chk.add_argument("--seed", type=int, default=0)
+    chk.add_argument("--format", default="text", choices=tuple(RENDERERS))
+    chk.add_argument("--output", type=Path, help="write the report here (whole or not at all) instead of stdout")
+    chk.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def _list(args: argparse.Namespace) -> int:
+    backends = {name: resolve_backend(name) for name in args.backend}
+    rows = []
+    for entry in REGISTRY.values():
+        statuses = {}
+        for name, backend in backends.items():
+            reason = backend.supports(entry, "fp32", args.device)
+            declared = [x for x in entry.expectations if x.backend in (None, name)]
+            if reason is not None:
+                statuses[name] = {"status": "unsupported", "reason": reason}
+            elif declared:
+                statuses[name] = {"status": declared[0].status, "reason": declared[0].reason}
+            else:
+                statuses[name] = {"status": "supported", "reason": ""}
+        rows.append({"model_type": entry.model_type, "block_class": entry.block_class, "backends": statuses})
+    if args.format == "json":
+        print(json.dumps({"architectures": rows}, indent=1))
+        return EXIT_OK
+    print(f"{'model_type':<16} {'block':<26} " + " ".join(f"{n:<15}" for n in backends))
+    for row in rows:
+        cells = " ".join(f"{row['backends'][n]['status']:<15}" for n in backends)
+        print(f"{row['model_type']:<16} {row['block_class']:<26} {cells}")
+    notes = [f"- {row['model_type']} / {n}: {s['status']}: {s['reason']}"
+             for row in rows for n, s in row["backends"].items() if s["reason"]]
+    if notes:
+        print("\nnotes:\n" + "\n".join(notes))
+    print(f"\n{len(rows)} architectures, {len(backends)} backends")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace, program: str) -> int:
+    archs = tuple(args.arch or REGISTRY)
+    for arch in archs:
+        get_entry(arch)  # unknown names fail before anything runs
+    for name in args.backend:
+        resolve_backend(name)
+    sel = Selection(
+        archs=archs, backends=tuple(args.backend), dtypes=tuple(args.dtype), device=args.device,
+        cases=tuple(args.case or CASE_NAMES), checks=tuple(args.check or CHECKS), seed=args.seed, program=program,
+    )
+    records: list[CheckResult] = []
+    start = time.perf_counter()
+    for group in run_selection(sel):
+        records.extend(group)
+        if not args.quiet and group:
+            print(progress_line(group), file=sys.stderr, flush=True)
+    wall = time.perf_counter() - start
+    text = RENDERERS[args.format](records, wall)
+    if args.output:
+        write_atomically(args.output, text)
+        if not args.quiet:
+            print(f"report written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if not records:
+        print("moeconf: nothing was checked", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if any(r.status in FAILING for r in records) else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, program: str = "moeconf") -> int:
+    _quiet_transformers()
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list(args)
+        return _check(args, program)
+    except (UnknownName, UsageError) as exc:
+        print(f"moeconf: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def entry_point() -> None:
+    sys.exit(main())

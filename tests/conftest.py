@@ -1,0 +1,6 @@
+"""Harness tests: keep transformers quiet and offline."""
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,155 @@
+"""Deliberately broken backends: each seeds one realistic MoE bug into a transformers block.
+
+They plug in exactly as an outsider's backend would (``--backend tests.seeded:NAME``), so the tests
+also exercise the public extension point. ``SEEDED`` maps each to the checks that must go red.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeconf.backends import HFBlockBackend, Observation, RunRequest
+from moeconf.registry import ArchEntry
+
+
+def _replace_router_output(block: nn.Module, entry: ArchEntry, fn: Any) -> None:
+    """Forward hook on the router whose return value replaces the router's output."""
+    block.get_submodule(entry.router_path).register_forward_hook(lambda _m, _a, out: fn(*out))
+
+
+# --- routing_weights: renormalisation flipped off (Mixtral renormalises always) -------------------
+def _no_renorm(block: nn.Module, entry: ArchEntry) -> None:
+    _replace_router_output(block, entry, lambda logits, w, i: (logits, torch.softmax(logits.float(), -1).gather(1, i), i))
+
+
+renorm_flipped = HFBlockBackend("renorm-flipped", patch=_no_renorm)
+
+
+# --- output: gate and up halves of the fused projection swapped ----------------------------------
+def _swap_gate_up(block: nn.Module, entry: ArchEntry) -> None:
+    with torch.no_grad():
+        gate, up = block.experts.gate_up_proj.detach().clone().chunk(2, dim=1)
+        block.experts.gate_up_proj.copy_(torch.cat((up, gate), dim=1))
+
+
+gate_up_swapped = HFBlockBackend("gate-up-swapped", patch=_swap_gate_up)
+
+
+# --- aux_loss: router records probabilities as its logits (transformers #45120, case #5) ---------
+def _probs_as_logits(block: nn.Module, entry: ArchEntry) -> None:
+    _replace_router_output(block, entry, lambda logits, w, i: (torch.softmax(logits.float(), -1), w, i))
+
+
+aux_from_probs = HFBlockBackend("aux-from-probs", patch=_probs_as_logits)
+
+
+# --- aux_loss: padded tokens counted in the load-balancing statistics (transformers #28505, case #6)
+class _IgnoresPadding(HFBlockBackend):
+    def run(self, request: RunRequest) -> Observation:
+        return super().run(dataclasses.replace(request, attention_mask=torch.ones_like(request.attention_mask)))
+
+
+aux_ignores_padding = _IgnoresPadding("aux-ignores-padding")
+
+
+# --- grad_router: routing weights detached from the router --------------------------------------
+def _detach_weights(block: nn.Module, entry: ArchEntry) -> None:
+    _replace_router_output(block, entry, lambda logits, w, i: (logits, w.detach(), i))
+
+
+router_grad_detached = HFBlockBackend("router-grad-detached", patch=_detach_weights)
+
+
+# --- output / grad_experts: one expert silently skipped -----------------------------------------
+def _skip_expert_one(block: nn.Module, entry: ArchEntry) -> None:
+    def drop(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden, index, weights = args
+        return hidden, index, weights * (index != 1)
+
+    block.get_submodule(entry.experts_path).register_forward_pre_hook(drop)
+
+
+expert_skipped = HFBlockBackend("expert-skipped", patch=_skip_expert_one)
+
+
+# --- routing: DeepSeek-V3 selection bias ignored / group limit ignored ---------------------------
+def _zero_selection_bias(block: nn.Module, entry: ArchEntry) -> None:
+    block.gate.e_score_correction_bias.zero_()
+
+
+selection_bias_ignored = HFBlockBackend("selection-bias-ignored", patch=_zero_selection_bias)
+
+
+def _all_groups(block: nn.Module, entry: ArchEntry) -> None:
+    block.gate.topk_group = block.gate.num_group
+
+
+group_limit_ignored = HFBlockBackend("group-limit-ignored", patch=_all_groups)
+
+
+# --- grad_input: the block's input gradient is scaled on the way back -----------------------------
+def _scale_input_grad(block: nn.Module, entry: ArchEntry) -> None:
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        if args[0].requires_grad:
+            args[0].register_hook(lambda g: g * 1.5)
+
+    block.register_forward_pre_hook(hook)
+
+
+input_grad_scaled = HFBlockBackend("input-grad-scaled", patch=_scale_input_grad)
+
+
+# --- grad_experts: rows of an expert that got no token are not zero (transformers PR #48205, #10) --
+def _dirty_empty_rows(block: nn.Module, entry: ArchEntry) -> None:
+    # Tiny enough to pass every tolerance; only the exact-zero rule can see it.
+    block.experts.down_proj.register_hook(lambda g: g + 1e-30)
+
+
+empty_expert_grad_not_zero = HFBlockBackend("empty-expert-grad-not-zero", patch=_dirty_empty_rows)
+
+
+# --- output: the expert reads its down projection transposed (possible only because H ≠ I fails) --
+def _transposed_down(block: nn.Module, entry: ArchEntry) -> None:
+    with torch.no_grad():
+        w = block.experts.down_proj
+        w.copy_(w.detach().transpose(1, 2).reshape(w.shape))
+
+
+down_proj_transposed = HFBlockBackend("down-proj-transposed", patch=_transposed_down)
+
+
+# --- grad_shared_experts / output: shared expert gate dropped; shared grads scaled ---------------
+def _shared_gate_open(block: nn.Module, entry: ArchEntry) -> None:
+    block.shared_expert_gate.register_forward_hook(lambda _m, _a, out: torch.full_like(out, 30.0))
+
+
+shared_gate_dropped = HFBlockBackend("shared-gate-dropped", patch=_shared_gate_open)
+
+
+def _scale_shared_grad(block: nn.Module, entry: ArchEntry) -> None:
+    block.shared_expert.down_proj.weight.register_hook(lambda g: g * 0.5)
+
+
+shared_grad_scaled = HFBlockBackend("shared-grad-scaled", patch=_scale_shared_grad)
+
+
+# bug → (architecture, checks that must go red, checks that must stay green)
+SEEDED: dict[str, tuple[str, set[str], set[str]]] = {
+    "renorm_flipped": ("mixtral", {"routing_weights", "output"}, {"routing"}),
+    "gate_up_swapped": ("mixtral", {"output", "grad_experts"}, {"routing", "routing_weights"}),
+    "aux_from_probs": ("mixtral", {"aux_loss"}, {"output", "routing"}),
+    "aux_ignores_padding": ("qwen3_moe", {"aux_loss"}, {"output"}),
+    "router_grad_detached": ("qwen3_moe", {"grad_router"}, {"output", "routing_weights"}),
+    "expert_skipped": ("olmoe", {"output", "grad_experts"}, {"routing"}),
+    "selection_bias_ignored": ("deepseek_v3", {"routing"}, set()),
+    "group_limit_ignored": ("deepseek_v3", {"routing"}, set()),
+    "input_grad_scaled": ("granitemoe", {"grad_input"}, {"output", "grad_experts", "grad_router"}),
+    "empty_expert_grad_not_zero": ("mixtral", {"grad_experts"}, {"output", "grad_router"}),
+    "down_proj_transposed": ("qwen3_moe", {"output", "grad_experts"}, {"routing"}),
+    "shared_gate_dropped": ("qwen2_moe", {"output", "grad_shared_experts"}, {"routing"}),
+    "shared_grad_scaled": ("qwen2_moe", {"grad_shared_experts"}, {"output", "grad_experts"}),
+}
