@@ -1,0 +1,31 @@
+"""A backend written from scratch by an outsider plugs in and is gated like the built-ins."""
+
+from __future__ import annotations
+
+from moeconf.backends import Backend, resolve_backend
+from moeconf.cases import CASES
+from moeconf.engine import Selection, run_group
+from tests.toy_backend import TOY_ENTRY, toy, toy_z_from_probs
+
+
+def _records(backend: Backend, name: str) -> list:
+    sel = Selection(archs=(TOY_ENTRY.model_type,), backends=(name,))
+    return [r for case in CASES for group in run_group(sel, TOY_ENTRY, {name: backend}, "fp32", case) for r in group]
+
+
+def test_protocol_and_module_attr_resolution() -> None:
+    assert isinstance(toy, Backend)
+    assert resolve_backend("tests.toy_backend:toy") is toy
+    assert resolve_backend("tests.toy_backend:ToyZLossBackend").name == "toy-zloss"  # a class is instantiated
+
+
+def test_correct_outsider_backend_passes_every_check_including_z_loss() -> None:
+    records = _records(toy, "tests.toy_backend:toy")
+    assert {r.check for r in records} >= {"routing", "output", "z_loss", "grad_experts", "grad_router", "grad_input"}
+    assert [r for r in records if r.status != "pass"] == []
+
+
+def test_z_loss_on_probabilities_is_caught() -> None:
+    records = _records(toy_z_from_probs, "tests.toy_backend:toy_z_from_probs")
+    failing = {r.check for r in records if r.status == "fail"}
+    assert failing == {"z_loss"}
