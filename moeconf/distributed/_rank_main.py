@@ -19,14 +19,16 @@ at module level on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import pickle
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 # The launcher imports only the standard library, so this import keeps the
 # pre-faulthandler window short.
@@ -104,7 +106,7 @@ def _write_result(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     try:
         data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # unpicklable return value
+    except Exception as exc:  # noqa: BLE001 - any pickling failure of user data
         data = pickle.dumps(
             {
                 "kind": "exception",
@@ -155,7 +157,7 @@ def _teardown(backend: str | None) -> None:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort, see docstring
         traceback.print_exc()
 
 
@@ -163,10 +165,8 @@ def _flush_and_exit(code: int) -> None:
     """Exit without atexit hooks: after a failure, library hooks (gloo, DeepSpeed)
     may block on peers that will never answer."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
     os._exit(code)
 
 

@@ -27,9 +27,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SHM_COMM_BUILDER = "ShareMemCommBuilder"
 SHM_COMM_OP = "deepspeed_shm_comm"
@@ -125,9 +126,7 @@ def _last_activity(build_dir: Path) -> float:
     return newest
 
 
-def find_stale_locks(
-    root: Path | str | None = None, *, stale_after_s: float = DEFAULT_STALE_AFTER_S
-) -> list[Path]:
+def find_stale_locks(root: Path | str | None = None, *, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[Path]:
     """Torch-extension ``lock`` files under ``root`` whose build is not in progress.
 
     Rule: a lock is **live** while any process holds it open, because
@@ -259,8 +258,7 @@ def ensure_deepspeed_cpu_ops(
     progress(
         f"DeepSpeed CPU: loading cached JIT op {op} from {root}"
         if cached
-        else f"DeepSpeed CPU: building JIT op {op} (first time only, ~1 min on 2 cores; "
-        f"cached under {root})"
+        else f"DeepSpeed CPU: building JIT op {op} (first time only, ~1 min on 2 cores; cached under {root})"
     )
     env = {**os.environ, **deepspeed_cpu_env()}
     started_wall = time.time()
@@ -357,7 +355,7 @@ def zero_init_probe(stage: int = 2, steps: int = 1) -> dict[str, Any]:
     JIT-built. Returns timings and the final loss.
     """
     t0 = time.monotonic()
-    import deepspeed
+    import deepspeed  # type: ignore[import-untyped]
     import torch
 
     t1 = time.monotonic()
@@ -379,7 +377,7 @@ def zero_init_probe(stage: int = 2, steps: int = 1) -> dict[str, Any]:
         engine.backward(loss)
         engine.step()
     t3 = time.monotonic()
-    from deepspeed.ops.op_builder.builder import OpBuilder
+    from deepspeed.ops.op_builder.builder import OpBuilder  # type: ignore[import-untyped]
 
     return {
         "rank": torch.distributed.get_rank(),

@@ -37,9 +37,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 Status = Literal["ok", "deadlock", "crash", "error"]
 
@@ -143,8 +144,10 @@ class MultiRankResult:
     def report(self) -> str:
         """Readable multi-line text with every rank's exit, traceback and stack."""
         lines = [
-            f"run_ranks({self.fn}) world_size={self.world_size} status={self.status.upper()} "
-            f"elapsed={self.elapsed_s:.1f}s deadline={self.deadline_s:g}s port={self.master_port}",
+            (
+                f"run_ranks({self.fn}) world_size={self.world_size} status={self.status.upper()} "
+                f"elapsed={self.elapsed_s:.1f}s deadline={self.deadline_s:g}s port={self.master_port}"
+            ),
         ]
         if self.message:
             lines.append(self.message)
@@ -302,6 +305,14 @@ def fn_spec(fn: str | Callable[..., Any]) -> str:
     return f"{module}:{qualname}"
 
 
+def _join_group_kwargs(pgid: int) -> dict[str, Any]:
+    """Popen kwargs putting the child in process group ``pgid`` (0 = new group)."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    # 3.10: no process_group=; setpgid in preexec_fn (fine: we start no threads).
+    return {"preexec_fn": lambda: os.setpgid(0, pgid)}  # pragma: no cover
+
+
 def _module_file(spec: str) -> str | None:
     """Source file of the fn's module if the parent has it loaded (fallback for
     ranks that cannot import it by name)."""
@@ -320,9 +331,7 @@ def _pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(entries))
 
 
-def _rank_env(
-    base: dict[str, str], rank: int, world_size: int, port: int, run_id: str
-) -> dict[str, str]:
+def _rank_env(base: dict[str, str], rank: int, world_size: int, port: int, run_id: str) -> dict[str, str]:
     env = dict(base)
     env.update(
         MASTER_ADDR="127.0.0.1",
@@ -381,7 +390,8 @@ class _Attempt:
         self.death_tick: dict[int, int] = {}  # rank -> poll iteration that saw it exit
         self.killed_by_launcher: set[int] = set()
         self.stacks: dict[int, str] = {}
-        self.closed = False
+        self.usr1_sent: set[int] = set()
+        self.reaped = False
         try:
             with open(payload_path(self.dir), "wb") as fh:
                 header = (spec, fn_file, args_blob, backend, deadline_s + PG_TIMEOUT_MARGIN_S)
@@ -396,19 +406,20 @@ class _Attempt:
     def spawn(self) -> None:
         for rank in range(self.world_size):
             env = _rank_env(self.base_env, rank, self.world_size, self.port, self.run_id)
-            with open(self.dir / f"rank{rank}.stdout.txt", "wb") as out, open(
-                self.dir / f"rank{rank}.stderr.txt", "wb"
-            ) as err:
+            with (
+                open(self.dir / f"rank{rank}.stdout.txt", "wb") as out,
+                open(self.dir / f"rank{rank}.stderr.txt", "wb") as err,
+            ):
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "moeconf.distributed._rank_main", str(self.dir)],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
+                    close_fds=True,
                     # rank 0 leads a fresh group; the rest join it (rank 0 is
                     # never reaped before the end, so the group id stays valid).
-                    process_group=0 if self.pgid is None else self.pgid,
-                    close_fds=True,
+                    **_join_group_kwargs(0 if self.pgid is None else self.pgid),
                 )
             self.procs.append(proc)
             if self.pgid is None:
@@ -446,6 +457,7 @@ class _Attempt:
 
     def dump_stacks(self, ranks: list[int]) -> None:
         """SIGUSR1 each rank, then wait (bounded) until its dump file settles."""
+        self.usr1_sent.update(ranks)
         for rank in ranks:
             try:
                 os.kill(self.procs[rank].pid, signal.SIGUSR1)
@@ -473,22 +485,22 @@ class _Attempt:
     def kill_all(self) -> None:
         """SIGKILL the group and marked escapees, wait for them, then reap ranks.
 
-        Idempotent: after the ranks are reaped the group id may be reused by
-        an unrelated process group, so it must never be signalled again."""
-        if self.closed:
+        Safe to call again (e.g. from ``finally`` after an interrupted call):
+        signalling is repeated only until the ranks are reaped - after that the
+        group id may be reused by an unrelated process group."""
+        if self.reaped:
             return
-        self.closed = True
-        for rank in self.alive_ranks():
-            self.killed_by_launcher.add(rank)
+        self.killed_by_launcher.update(self.alive_ranks())
         for _ in range(50):  # ~5 s worst case; SIGKILL normally takes ms
             if self.pgid is not None:
                 _killpg(self.pgid)
             _kill_marked(self.run_id)
-            if not (self.pgid and live_group_members(self.pgid)) and not processes_with_env(
-                RUN_ID_ENV, self.run_id
-            ):
+            if not (self.pgid and live_group_members(self.pgid)) and not processes_with_env(RUN_ID_ENV, self.run_id):
                 break
             time.sleep(0.1)
+        with _live_lock:
+            _live_runs.pop(self.run_id, None)
+        self.reaped = True
         for rank, proc in enumerate(self.procs):
             try:
                 code = proc.wait(timeout=5)
@@ -496,8 +508,6 @@ class _Attempt:
                 code = None
             if self.exit_codes[rank] is None:
                 self.exit_codes[rank] = code
-        with _live_lock:
-            _live_runs.pop(self.run_id, None)
 
     def remove_dir(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -516,7 +526,9 @@ class _Attempt:
             stack=self.stacks.get(rank),
             stdout_tail=_read_tail(self.dir / f"rank{rank}.stdout.txt"),
             stderr_tail=_read_tail(self.dir / f"rank{rank}.stderr.txt"),
-            killed_by_launcher=rank in self.killed_by_launcher,
+            # A rank still starting up (handler not yet installed) dies of
+            # our SIGUSR1 instead of dumping; that is the launcher's doing too.
+            killed_by_launcher=rank in self.killed_by_launcher or (rank in self.usr1_sent and code == -signal.SIGUSR1),
         )
         record = self._record(rank)
         if record is None:
@@ -534,7 +546,7 @@ class _Attempt:
         try:
             with open(path, "rb") as fh:
                 return pickle.load(fh)
-        except Exception as exc:  # e.g. result class not importable in the parent
+        except Exception as exc:  # noqa: BLE001 - e.g. result class not importable in the parent
             return {"kind": "exception", "text": f"cannot unpickle rank {rank} result: {exc!r}"}
 
     def port_clash(self) -> bool:
@@ -645,8 +657,7 @@ def _finish(attempt: _Attempt, status: Status, start: float, message: str) -> Mu
             message = (message + "\n" if message else "") + f"rank {failed_rank} failed first"
     elif status == "deadlock":
         message = (message + "\n" if message else "") + (
-            f"deadline of {attempt.deadline_s:g}s passed with ranks "
-            f"{sorted(attempt.killed_by_launcher)} still running"
+            f"deadline of {attempt.deadline_s:g}s passed with ranks {sorted(attempt.killed_by_launcher)} still running"
         )
         if any("file_baton.py" in s for s in attempt.stacks.values()):
             message += (
