@@ -5,21 +5,22 @@
   without the device they end with "skipped: no CUDA/NPU device", or fail when
   ``MOECONF_REQUIRE_DEVICE=1`` (set that on hardware runners so a broken driver cannot pass green).
 
-Sessions reuse the interpreter's installed packages (``--system-site-packages``): torch builds are
-hardware specific (CPU wheel here, CUDA on GPU runners, the Ascend image's torch + torch_npu + CANN),
-so the session must test the torch the machine has, not download another one.
+The hardware sessions run in the interpreter that runs nox (``venv_backend="none"``): torch builds
+are hardware specific (the CPU wheel here, CUDA on GPU runners, the Ascend image's torch + torch_npu +
+CANN), so a session must test the torch the machine has, never download another one.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import nox
 
 nox.options.sessions = ["cpu"]
-nox.options.reuse_existing_virtualenvs = True
 
-VENV = ["--system-site-packages"]
+PYTHON = sys.executable
 PROBES = {
     "cuda": "import torch; print('yes' if torch.cuda.is_available() else 'no')",
     "npu": (
@@ -32,36 +33,40 @@ NO_TESTS = 5  # pytest's exit code when nothing was collected
 
 
 def _install(session: nox.Session) -> None:
-    session.install("-e", ".", "--no-build-isolation" if os.environ.get("MOECONF_NO_BUILD_ISOLATION") else "-q")
+    """Make this checkout's moeconf importable (editable), without touching its dependencies."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    probe = "import moeconf, os, sys; sys.exit(os.path.dirname(os.path.dirname(moeconf.__file__)) != sys.argv[1])"
+    if subprocess.run([PYTHON, "-c", probe, here], capture_output=True).returncode != 0:
+        session.run(PYTHON, "-m", "pip", "install", "-q", "--no-deps", "-e", here, external=True)
 
 
 def _pytest(session: nox.Session, *targets: str, env: dict[str, str]) -> None:
     workers = os.environ.get("MOECONF_WORKERS", "auto")
     session.run(
-        "python", "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", *targets, *session.posargs,
-        env=env, success_codes=[0, NO_TESTS],
+        PYTHON, "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", *targets, *session.posargs,
+        env=env, success_codes=[0, NO_TESTS], external=True,
     )
 
 
 def _require_device(session: nox.Session, device: str) -> None:
     """Skip (or error on hardware runners) when the device is not visible to this interpreter."""
-    seen = session.run("python", "-c", PROBES[device], silent=True, log=False)
-    if seen is not None and str(seen).strip().endswith("yes"):
+    seen = subprocess.run([PYTHON, "-c", PROBES[device]], capture_output=True, text=True).stdout.strip()
+    if seen.endswith("yes"):
         return
     message = f"no {device.upper()} device visible (torch{' / torch_npu' if device == 'npu' else ''})"
     if os.environ.get("MOECONF_REQUIRE_DEVICE") == "1":
         session.error(f"MOECONF_REQUIRE_DEVICE=1 but {message}")
-    session.skip(f"skipped: {message}")
+    session.skip(message)
 
 
-@nox.session(venv_params=VENV)
+@nox.session(venv_backend="none")
 def cpu(session: nox.Session) -> None:
     """Harness tests and the CPU parity suite (fp32 + bf16, every registered architecture)."""
     _install(session)
     _pytest(session, "tests", "moeconf/suites", env={"MOECONF_DEVICE": "cpu"})
 
 
-@nox.session(venv_params=VENV)
+@nox.session(venv_backend="none")
 def cuda(session: nox.Session) -> None:
     """Parity suite on CUDA, fp32 and bf16."""
     _require_device(session, "cuda")
@@ -69,7 +74,7 @@ def cuda(session: nox.Session) -> None:
     _pytest(session, "moeconf/suites", env={"MOECONF_DEVICE": "cuda", "MOECONF_DTYPES": "fp32,bf16"})
 
 
-@nox.session(venv_params=VENV)
+@nox.session(venv_backend="none")
 def npu(session: nox.Session) -> None:
     """Parity suite on Ascend NPU with the image's torch + torch_npu + CANN."""
     _require_device(session, "npu")
