@@ -78,6 +78,9 @@ def draw_params(spec: MoESpec, seed: int) -> Params:
     params: Params = {}
     for name, shape in param_shapes(spec).items():
         fan_in = shape[-1]
+        if name.endswith("norm.weight"):
+            params[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+            continue
         if name == "router.weight":
             scale = 2.0 / math.sqrt(fan_in)
         elif name == "router.selection_bias":

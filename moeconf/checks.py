@@ -207,7 +207,7 @@ def check_grad_experts(c: CheckInput) -> Outcome:
     """
     names = [n for n in c.reference_grads if n.startswith("experts.")]
     outcome = _grad_check(c, names)
-    problems = []
+    problems = [f"grad {m} is None, expected exact zeros" for m in c.observation.missing_grads if m.startswith("experts.")]
     for e in _unrouted_experts(c):
         for n in names:
             grad = c.observation.grads.get(n)
@@ -219,7 +219,7 @@ def check_grad_experts(c: CheckInput) -> Outcome:
 
 
 def check_grad_shared_experts(c: CheckInput) -> Outcome:
-    names = [n for n in c.reference_grads if n.startswith("shared.")]
+    names = [n for n in c.reference_grads if n.startswith(("shared.", "output_norm."))]
     if not names:
         return Outcome(None, message="architecture has no shared experts")
     return _grad_check(c, names)

@@ -20,7 +20,10 @@ name                        shape        meaning
 ``shared.w_gate/w_up``      ``[S, H]``   shared expert
 ``shared.w_down``           ``[H, S]``
 ``shared.gate``             ``[1, H]``   sigmoid gate of the shared expert (Qwen2-MoE)
+``output_norm.weight``      ``[H]``      RMSNorm on the block output (AXK1)
 ==========================  ===========  ==============================================
+
+The router has ``E + Z`` rows when the spec has ``Z`` identity experts.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ NOT_TRAINED = frozenset({"router.selection_bias"})
 
 def param_shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
     """Every canonical parameter the spec implies, with its shape."""
-    E, H, I = spec.num_experts, spec.hidden, spec.intermediate
-    shapes: dict[str, tuple[int, ...]] = {"router.weight": (E, H)}
+    E, H, I, R = spec.num_experts, spec.hidden, spec.intermediate, spec.router_width
+    shapes: dict[str, tuple[int, ...]] = {"router.weight": (R, H)}
     if spec.router.logit_bias:
-        shapes["router.bias"] = (E,)
+        shapes["router.bias"] = (R,)
     if spec.router.selection_bias:
-        shapes["router.selection_bias"] = (E,)
+        shapes["router.selection_bias"] = (R,)
     if spec.experts.glu != "none":
         shapes["experts.w_gate"] = (E, I, H)
     shapes["experts.w_up"] = (E, I, H)
@@ -59,6 +62,8 @@ def param_shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
         shapes.update({"shared.w_gate": (S, H), "shared.w_up": (S, H), "shared.w_down": (H, S)})
         if spec.shared.gate == "sigmoid":
             shapes["shared.gate"] = (1, H)
+    if spec.output_norm_eps is not None:
+        shapes["output_norm.weight"] = (H,)
     return shapes
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Scoring = Literal["softmax", "sigmoid"]
+Scoring = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 """How router logits become scores over all experts."""
 
 SelectOn = Literal["scores", "logits"]
@@ -27,9 +27,10 @@ GroupScore = Literal["top2sum", "max"]
 GroupFill = Literal["-inf", "zero"]
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2"]
-GluForm = Literal["swiglu", "gptoss_clamped", "none"]
-"""``swiglu``: act(gate)*up. ``gptoss_clamped``: (clamp(up)+1)*g*sigmoid(alpha*g), g=min(gate, L).
-``none``: a non-gated MLP, act(up)."""
+GluForm = Literal["swiglu", "gptoss_clamped", "clamped_swiglu", "clamped_after_act", "none"]
+"""``swiglu``: act(gate)·up. ``gptoss_clamped``: (clamp(up, ±L)+1)·g·σ(αg) with g = min(gate, L)
+(GPT-OSS, MiniMax-M3). ``clamped_swiglu``: act(min(gate, L))·clamp(up, ±L) (DeepSeek-V4, HY-V4,
+GLM-5). ``clamped_after_act``: min(act(gate), L)·clamp(up, ±L) (Step3p7). ``none``: act(up)."""
 
 WeightSite = Literal["output", "input"]
 """What the routing weight multiplies: the expert's output (almost everyone) or input (Llama-4)."""
@@ -65,9 +66,13 @@ class Capacity:
 class RouterSpec:
     """Router family and options.
 
-    Pipeline (reference/router.py): ``logits = x W^T (+ b)`` → ``scores = scoring(logits)`` →
-    choose k experts by ``select_on`` (+ ``selection_bias``, optionally group-limited) →
-    weights by ``weight_from`` → ``renorm`` → ``× routed_scaling`` if ``scaling_site == "weights"``.
+    Pipeline (reference/router.py): ``logits = x W^T (+ b)``, ``× logit_multiplier``, optionally
+    soft-capped ``c·tanh(ℓ/c)`` → ``scores = scoring(logits)`` → choose k experts by ``select_on``
+    (+ ``selection_bias``, optionally group-limited) → weights by ``weight_from`` → ``renorm``
+    (divide by ``Σ + renorm_eps``, or by ``max(Σ, renorm_eps)`` when ``renorm_clamp``) →
+    ``× routed_scaling`` in the weights (``scaling_site="weights"``) or on the routed output
+    (``"output"``). ``output_scale`` multiplies the routed output in addition (OpenAI-PF: weights
+    ``/k``, output ``×k``).
     """
 
     scoring: Scoring = "softmax"
@@ -77,10 +82,14 @@ class RouterSpec:
     weight_from: WeightFrom = "scores"
     renorm: Renorm = "never"
     renorm_eps: float = 0.0
+    renorm_clamp: bool = False
     renorm_p: float = 1.0
+    logit_softcap: float | None = None
+    logit_multiplier: float = 1.0
     group_limit: GroupLimit | None = None
     routed_scaling: float = 1.0
     scaling_site: Literal["weights", "output"] = "weights"
+    output_scale: float = 1.0
     capacity: Capacity | None = None
 
 
@@ -98,11 +107,15 @@ class ExpertSpec:
 
 @dataclass(frozen=True)
 class SharedSpec:
-    """Always-on shared expert(s), fused into one MLP of width ``intermediate``."""
+    """Always-on shared expert(s), fused into one MLP of width ``intermediate``.
+
+    ``combine="average"`` returns ``(routed + shared) / 2`` (Cohere2 ``"average"``).
+    """
 
     intermediate: int
     gate: SharedGate = "none"
     activation: Activation = "silu"
+    combine: Literal["sum", "average"] = "sum"
 
 
 @dataclass(frozen=True)
@@ -125,9 +138,17 @@ class MoESpec:
     experts: ExpertSpec = field(default_factory=ExpertSpec)
     shared: SharedSpec | None = None
     losses: LossSpec = field(default_factory=LossSpec)
+    identity_experts: int = 0
+    """Extra router classes ``E .. E+Z-1`` whose expert is the identity (LongCat "zero-compute" experts)."""
+    output_norm_eps: float | None = None
+    """RMSNorm (weight ``output_norm.weight [H]``) applied to the block output (AXK1)."""
+
+    @property
+    def router_width(self) -> int:
+        return self.num_experts + self.identity_experts
 
     def __post_init__(self) -> None:
-        if not 0 < self.top_k <= self.num_experts:
+        if not 0 < self.top_k <= self.num_experts + self.identity_experts:
             raise ValueError(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
         g = self.router.group_limit
         if g is not None and (self.num_experts % g.n_group or not 0 < g.topk_group <= g.n_group):

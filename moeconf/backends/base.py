@@ -55,7 +55,10 @@ class Observation:
         aux_loss: load-balancing loss as the framework computes it from its recorded router output.
         z_loss: router z-loss as the framework computes it.
         grads: canonical parameter name (and ``"input"``) → gradient; None where the framework left
-            ``.grad`` unset (an unrouted expert in a per-expert ModuleList, say).
+            ``.grad`` unset.
+        missing_grads: per-expert slices whose ``.grad`` was None, e.g. ``"experts.w_up[3]"`` (an
+            unrouted expert of a per-expert ModuleList: the ZeRO-2/FSDP hang, DeepSpeed #5066); their
+            slice in ``grads`` holds zeros.
     """
 
     output: torch.Tensor
@@ -65,6 +68,7 @@ class Observation:
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    missing_grads: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -62,7 +62,7 @@ class HFBlockBackend:
         block = block.to(device=request.device, dtype=request.dtype)
         if self.patch is not None:
             block = self.patch(block, request.entry) or block
-        return block.train()
+        return block.train(request.entry.train_mode)
 
     def run(self, request: RunRequest) -> Observation:
         entry, spec = request.entry, request.entry.spec
@@ -80,11 +80,11 @@ class HFBlockBackend:
             aux = framework_loss_fn(entry, "load_balancing_loss_func")((logits,), spec.num_experts, spec.top_k, mask)
         if spec.losses.z_loss and logits is not None:
             z = framework_loss_fn(entry, "router_z_loss_func")(logits)
-        grads = canonical_grads(entry, block)
+        grads, missing = canonical_grads(entry, block)
         grads["input"] = hidden.grad
         return Observation(
             output=out.detach(), topk_index=index, topk_weights=_detach(weights), router_logits=_detach(logits),
-            aux_loss=_detach(aux), z_loss=_detach(z), grads=grads,
+            aux_loss=_detach(aux), z_loss=_detach(z), grads=grads, missing_grads=missing,
         )
 
 

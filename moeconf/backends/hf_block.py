@@ -77,12 +77,14 @@ def load_params(entry: ArchEntry, block: nn.Module, params: Params) -> None:
     if unbound:
         raise EntryError(f"{entry.model_type}: block parameters not bound to the reference: {', '.join(unbound)}")
     missing = set(param_shapes(entry.spec)) - {c for b in entry.params for c in b.canonical}
+    sliced = {c: {b.expert for b in entry.params if c in b.canonical} for b in entry.params if b.expert is not None for c in b.canonical}
+    missing |= {c for c, experts in sliced.items() if experts != set(range(entry.spec.num_experts))}
     if missing:
-        raise EntryError(f"{entry.model_type}: canonical parameters with no binding: {', '.join(sorted(missing))}")
+        raise EntryError(f"{entry.model_type}: canonical parameters with no (complete) binding: {', '.join(sorted(missing))}")
     with torch.no_grad():
         for binding in entry.params:
             target = _tensor_at(block, binding.path)
-            value = LAYOUTS[binding.layout].to_block(*(params[name] for name in binding.canonical))
+            value = LAYOUTS[binding.layout].to_block(*(_canonical(params[name], binding.expert) for name in binding.canonical))
             # NOTE: shapes must match exactly (no reshape): with H ≠ I a wrong layout cannot slip through.
             if value.shape != target.shape:
                 raise EntryError(
@@ -92,20 +94,41 @@ def load_params(entry: ArchEntry, block: nn.Module, params: Params) -> None:
             target.copy_(value.to(target.dtype))
 
 
-def canonical_grads(entry: ArchEntry, block: nn.Module) -> dict[str, torch.Tensor | None]:
-    """Block ``.grad``s split back into canonical names (None where ``.grad`` is None)."""
+def _canonical(value: torch.Tensor, expert: int | None) -> torch.Tensor:
+    return value if expert is None else value[expert]
+
+
+def canonical_grads(entry: ArchEntry, block: nn.Module) -> tuple[dict[str, torch.Tensor | None], tuple[str, ...]]:
+    """Block ``.grad``s split back into canonical names, and the per-expert slices whose grad was None.
+
+    A whole tensor with no grad maps to None; a per-expert slice with no grad becomes zeros in the
+    assembled canonical tensor and is named in the second return value.
+    """
     shapes = param_shapes(entry.spec)
     grads: dict[str, torch.Tensor | None] = {}
+    missing: list[str] = []
     for binding in entry.params:
         tensor = _tensor_at(block, binding.path)
         if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
             continue
-        if tensor.grad is None:
-            grads.update({name: None for name in binding.canonical})
+        if binding.expert is None:
+            if tensor.grad is None:
+                grads.update({name: None for name in binding.canonical})
+                continue
+            parts = split_to_canonical(LAYOUTS[binding.layout], tensor.grad, tuple(shapes[n] for n in binding.canonical))
+            grads.update(zip(binding.canonical, parts))
             continue
-        parts = split_to_canonical(LAYOUTS[binding.layout], tensor.grad, tuple(shapes[n] for n in binding.canonical))
-        grads.update(zip(binding.canonical, parts))
-    return grads
+        for name in binding.canonical:
+            assembled = grads.get(name)
+            if assembled is None:
+                grads[name] = assembled = torch.zeros(shapes[name], dtype=tensor.dtype, device=tensor.device)
+        if tensor.grad is None:
+            missing += [f"{name}[{binding.expert}]" for name in binding.canonical]
+            continue
+        slice_shapes = tuple(shapes[n][1:] for n in binding.canonical)
+        for name, part in zip(binding.canonical, split_to_canonical(LAYOUTS[binding.layout], tensor.grad, slice_shapes)):
+            grads[name][binding.expert] = part  # type: ignore[index]
+    return grads, tuple(missing)
 
 
 @dataclass

@@ -38,12 +38,16 @@ def expert_mlp(experts: ExpertSpec, params: Params, e: int, x: torch.Tensor) -> 
         return F.linear(x, params[f"experts.w_{name}"][e], params[f"experts.b_{name}"][e] if bias else None)
 
     up = proj("up")
+    limit = experts.gptoss_limit
     if experts.glu == "none":
         hidden = activation(experts.activation, up)
     elif experts.glu == "swiglu":
         hidden = activation(experts.activation, proj("gate")) * up
+    elif experts.glu == "clamped_swiglu":
+        hidden = activation(experts.activation, proj("gate").clamp(max=limit)) * up.clamp(-limit, limit)
+    elif experts.glu == "clamped_after_act":
+        hidden = activation(experts.activation, proj("gate")).clamp(max=limit) * up.clamp(-limit, limit)
     else:  # GPT-OSS: clamp gate from above, up both ways, then (up + 1)·g·σ(αg)
-        limit = experts.gptoss_limit
         gate = proj("gate").clamp(max=limit)
         hidden = (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(experts.gptoss_alpha * gate)
     return F.linear(hidden, params["experts.w_down"][e], params["experts.b_down"][e] if bias else None)
@@ -59,13 +63,21 @@ def shared_mlp(spec: MoESpec, params: Params, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+
+
 def routed_output(spec: MoESpec, params: Params, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Σ over selected (and kept) slots of weight × expert, ``[N, H]``.
 
-    Loops over experts the plain way: the reference is read, not raced.
+    Loops over experts the plain way: the reference is read, not raced. Router classes past the
+    routed experts (``identity_experts``) return their input.
     """
     out = torch.zeros_like(x)
     weights = routing.weights * routing.kept
+    identity = (routing.index >= spec.num_experts) & routing.kept
+    if identity.any():
+        out = out + (weights * identity).sum(dim=-1, keepdim=True) * x
     for e in range(spec.num_experts):
         token, slot = torch.where((routing.index == e) & routing.kept)
         if token.numel() == 0:
@@ -81,7 +93,7 @@ def routed_output(spec: MoESpec, params: Params, x: torch.Tensor, routing: Routi
         out = out + dropped.unsqueeze(-1) * routing.weights.sum(dim=-1, keepdim=True) * x
     if spec.router.scaling_site == "output":
         out = out * spec.router.routed_scaling
-    return out
+    return out * spec.router.output_scale
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,10 @@ def reference_forward(
     out = routed_output(spec, params, flat, routing)
     if spec.shared is not None:
         out = out + shared_mlp(spec, params, flat)
+        if spec.shared.combine == "average":
+            out = out / 2
+    if spec.output_norm_eps is not None:
+        out = rms_norm(out, params["output_norm.weight"], spec.output_norm_eps)
     aux = z = None
     if spec.losses.aux == "switch":
         aux = load_balancing_loss(routing.logits, spec.top_k, attention_mask)

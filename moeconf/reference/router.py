@@ -37,13 +37,20 @@ class Routing:
 
 
 def router_logits(spec: MoESpec, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """``[N, H] → [N, E]``: ``x Wᵀ (+ b)``."""
-    return F.linear(x, params["router.weight"], params.get("router.bias") if spec.router.logit_bias else None)
+    """``[N, H] → [N, E + Z]``: ``x Wᵀ (+ b)``, scaled by ``logit_multiplier`` and soft-capped."""
+    router = spec.router
+    logits = F.linear(x, params["router.weight"], params.get("router.bias") if router.logit_bias else None)
+    logits = logits * router.logit_multiplier
+    if router.logit_softcap is not None:
+        logits = router.logit_softcap * torch.tanh(logits / router.logit_softcap)
+    return logits
 
 
 def _scores(router: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
     if router.scoring == "softmax":
         return torch.softmax(logits, dim=-1)
+    if router.scoring == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(logits))
     return torch.sigmoid(logits)
 
 
@@ -114,7 +121,8 @@ def route(spec: MoESpec, params: Params, x: torch.Tensor, tokens_per_sequence: i
         weights = torch.sigmoid(logits.gather(1, index))
 
     if router.renorm == "always":
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + router.renorm_eps)
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total.clamp_min(router.renorm_eps) if router.renorm_clamp else total + router.renorm_eps)
     elif router.renorm == "pnorm":
         weights = weights / torch.linalg.vector_norm(weights, ord=router.renorm_p, dim=-1, keepdim=True)
     if router.scaling_site == "weights":

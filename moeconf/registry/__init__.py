@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from moeconf.registry import deepseek_family, sigmoid_family, softmax_family
 from moeconf.registry.core import CORE_ENTRIES
 from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.registry.layouts import LAYOUTS, Layout
 
-REGISTRY: dict[str, ArchEntry] = {entry.model_type: entry for entry in CORE_ENTRIES}
+
+def _index(*groups: tuple[ArchEntry, ...]) -> dict[str, ArchEntry]:
+    registry: dict[str, ArchEntry] = {}
+    for entry in (e for group in groups for e in group):
+        if entry.model_type in registry:
+            raise ValueError(f"model_type {entry.model_type!r} is registered twice")
+        registry[entry.model_type] = entry
+    return registry
+
+
+REGISTRY: dict[str, ArchEntry] = _index(
+    CORE_ENTRIES, softmax_family.ENTRIES, deepseek_family.ENTRIES, sigmoid_family.ENTRIES
+)
 
 
 class UnknownName(ValueError):

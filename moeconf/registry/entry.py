@@ -24,11 +24,14 @@ class Binding:
         path: dotted path relative to the block, e.g. ``"experts.gate_up_proj"``.
         canonical: canonical names in the order the layout takes them, e.g. ``("experts.w_gate", "experts.w_up")``.
         layout: a name from ``moeconf.registry.layouts.LAYOUTS``.
+        expert: when set, the block tensor holds only this expert's slice ``canonical[expert]``
+            (per-expert ``ModuleList``/``ModuleDict`` experts: transformers 4.x, Switch, NLLB).
     """
 
     path: str
     canonical: tuple[str, ...]
     layout: str = "identity"
+    expert: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class ArchEntry:
             dense ``[N, E]`` score matrix (Llama-4, whose experts see pre-weighted inputs).
         block_init: constructor arguments of the block class.
         block_config_attr: sub-config the block is built from (``"text_config"`` for composite models).
+        train_mode: run the block in ``train()`` (default, as training stacks do) or ``eval()`` (blocks
+            whose training forward is stochastic: jitter, Gumbel sampling).
         experts_implementations: transformers experts implementations the experts class accepts.
         expectations: declared xfails/skips, each with the upstream reason.
     """
@@ -97,6 +102,7 @@ class ArchEntry:
     aux_coef_attr: str | None = None
     block_init: Literal["config", "config_and_layer_idx"] = "config"
     block_config_attr: str | None = None
+    train_mode: bool = True
     experts_implementations: tuple[str, ...] = ("eager", "grouped_mm", "batched_mm")
     expectations: tuple[Expectation, ...] = field(default=())
 

@@ -1,0 +1,66 @@
+"""Checks on fabricated observations: the rules that no transformers block breaks by itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moeconf.backends import Observation
+from moeconf.cases import CASES, make_inputs
+from moeconf.checks import CHECKS, CheckInput, compare, TOLERANCES
+from moeconf.reference import reference_forward, reference_gradients
+from moeconf.registry import REGISTRY
+
+
+def _perfect(arch: str = "mixtral", case: int = 2) -> tuple[CheckInput, list[int]]:
+    """An observation equal to the reference, for the ``empty_expert`` case."""
+    spec = REGISTRY[arch].spec
+    inputs = make_inputs(spec, CASES[case], torch.float32, 0)
+    ref = reference_forward(spec, inputs.params, inputs.hidden, inputs.attention_mask)
+    grads = reference_gradients(spec, inputs.params, inputs.hidden, inputs.grad_output)
+    obs = Observation(output=ref.output.detach(), topk_index=ref.routing.index, topk_weights=ref.routing.weights.detach(),
+                      aux_loss=ref.aux_loss.detach(), grads={k: v.clone() for k, v in grads.items()})
+    used = set(ref.routing.index.flatten().tolist())
+    return CheckInput(spec, ref, grads, obs, "fp32"), [e for e in range(spec.num_experts) if e not in used]
+
+
+def test_reference_against_itself_passes_every_check() -> None:
+    c, empty = _perfect()
+    assert 7 in empty  # the case keeps the last expert empty
+    assert all(CHECKS[name](c).passed is not False for name in CHECKS)
+
+
+def test_none_grad_of_an_unrouted_expert_fails_grad_experts() -> None:
+    """Per-expert ModuleLists (transformers 4.x) leave .grad None for an expert with no tokens."""
+    c, empty = _perfect()
+    obs = dataclasses.replace(c.observation, missing_grads=(f"experts.w_up[{empty[0]}]",))
+    outcome = CHECKS["grad_experts"](dataclasses.replace(c, observation=obs))
+    assert outcome.passed is False and "is None" in outcome.message
+
+
+def test_routing_set_not_order() -> None:
+    c, _ = _perfect()
+    flipped = c.observation.topk_index.flip(-1)
+    obs = dataclasses.replace(c.observation, topk_index=flipped, topk_weights=c.observation.topk_weights.flip(-1))
+    c2 = dataclasses.replace(c, observation=obs)
+    assert CHECKS["routing"](c2).passed and CHECKS["routing_weights"](c2).passed
+    wrong = flipped.clone()
+    wrong[0, 0] = (wrong[0, 0] + 3) % 8 if (wrong[0, 0] + 3) % 8 != wrong[0, 1] else (wrong[0, 0] + 4) % 8
+    assert CHECKS["routing"](dataclasses.replace(c, observation=dataclasses.replace(obs, topk_index=wrong))).passed is False
+
+
+def test_unobserved_quantities_are_skips_not_passes() -> None:
+    c, _ = _perfect()
+    blind = Observation(output=c.observation.output)
+    results = {name: CHECKS[name](dataclasses.replace(c, observation=blind)).passed for name in CHECKS}
+    assert results["output"] is True
+    assert results["routing"] is None and results["aux_loss"] is None and results["grad_experts"] is None
+
+
+def test_compare_reports_shape_nan_and_worst_element() -> None:
+    tol = TOLERANCES["fp32"]["output"]
+    assert compare("x", torch.zeros(2), torch.zeros(3, dtype=torch.float64), tol).passed is False
+    assert "non-finite" in compare("x", torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.float64), tol).message
+    got = compare("x", torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2, dtype=torch.float64), tol)
+    assert got.passed is False and "x[0, 1]" in got.message
