@@ -71,7 +71,10 @@ def cuda(session: nox.Session) -> None:
     """Parity suite on CUDA, fp32 and bf16."""
     _require_device(session, "cuda")
     _install(session)
-    _pytest(session, "moeconf/suites", env={"MOECONF_DEVICE": "cuda", "MOECONF_DTYPES": "fp32,bf16"})
+    _pytest(session, "moeconf/suites", env={
+        "MOECONF_DEVICE": "cuda", "MOECONF_DTYPES": "fp32,bf16",
+        "MOECONF_BACKENDS": "hf-eager,hf-grouped-mm,hf-batched-mm,grouped-mm",
+    })
 
 
 @nox.session(venv_backend="none")
@@ -79,4 +82,6 @@ def npu(session: nox.Session) -> None:
     """Parity suite on Ascend NPU with the image's torch + torch_npu + CANN."""
     _require_device(session, "npu")
     _install(session)
-    _pytest(session, "moeconf/suites", env={"MOECONF_DEVICE": "npu", "MOECONF_DTYPES": "fp32,bf16"})
+    _pytest(session, "moeconf/suites", env={
+        "MOECONF_DEVICE": "npu", "MOECONF_DTYPES": "fp32,bf16", "MOECONF_BACKENDS": "hf-eager,npu-gmm",
+    })

@@ -7,17 +7,23 @@ group, or ``package.module:attr`` (a backend object, a class, or a zero-argument
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from moeconf.backends.base import Backend, BackendError, Observation, RunRequest
+from moeconf.backends.grouped_mm import GROUPED_MM
 from moeconf.backends.hf import HF_BATCHED_MM, HF_EAGER, HF_GROUPED_MM, HFBlockBackend
+from moeconf.backends.npu_gmm import NPU_GMM
 from moeconf.registry import UnknownName
 
 BUILTIN: dict[str, Callable[[], Backend]] = {
     "hf-eager": lambda: HF_EAGER,
     "hf-grouped-mm": lambda: HF_GROUPED_MM,
     "hf-batched-mm": lambda: HF_BATCHED_MM,
+    "grouped-mm": lambda: GROUPED_MM,
+    "npu-gmm": lambda: NPU_GMM,
 }
 ENTRY_POINT_GROUP = "moeconf.backends"
 
@@ -43,6 +49,8 @@ def resolve_backend(name: str) -> Backend:
             return _instantiate(ep.load(), f"entry point {name!r}")
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if os.getcwd() not in sys.path:  # as `python -m` would: a repro from the project root finds its modules
+            sys.path.append(os.getcwd())
         try:
             obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:

@@ -4,7 +4,7 @@ They are generic: each test is parametrized over registry × backend × dtype ×
 environment variables so that nox sessions (and hardware runners) pick the matrix:
 
 - ``MOECONF_DEVICE``: cpu | cuda | npu (default cpu)
-- ``MOECONF_BACKENDS``: comma-separated backend names (default hf-eager,hf-grouped-mm,hf-batched-mm)
+- ``MOECONF_BACKENDS``: comma-separated backend names (default: every built-in parity backend)
 - ``MOECONF_DTYPES``: comma-separated dtypes (default fp32,bf16)
 - ``MOECONF_ARCHS``: comma-separated model types (default: the whole registry)
 - ``MOECONF_REQUIRE_DEVICE=1``: a missing device is an error instead of a skip
@@ -16,6 +16,8 @@ import os
 
 from moeconf.registry import REGISTRY
 
+PARITY_BACKENDS = ("hf-eager", "hf-grouped-mm", "hf-batched-mm", "grouped-mm", "npu-gmm")
+
 
 def matrix_from_env() -> tuple[str, list[str], list[str], list[str]]:
     """``(device, archs, backends, dtypes)`` selected by the environment."""
@@ -26,6 +28,6 @@ def matrix_from_env() -> tuple[str, list[str], list[str], list[str]]:
 
     device = os.environ.get("MOECONF_DEVICE", "cpu")
     archs = listed("MOECONF_ARCHS", sorted(REGISTRY))
-    backends = listed("MOECONF_BACKENDS", ["hf-eager", "hf-grouped-mm", "hf-batched-mm"])
+    backends = listed("MOECONF_BACKENDS", list(PARITY_BACKENDS))
     dtypes = listed("MOECONF_DTYPES", ["fp32", "bf16"])
     return device, archs, backends, dtypes
