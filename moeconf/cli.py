@@ -19,6 +19,7 @@ from moeconf.cases import CASE_NAMES
 from moeconf.checks import CHECKS
 from moeconf.devices import DEVICES, DTYPES
 from moeconf.engine import CheckResult, Selection, run_selection
+from moeconf.partition.checks import PARTITION_CHECKS, STEPS_CASE
 from moeconf.registry import REGISTRY, UnknownName, get_entry
 from moeconf.report import FAILING, RENDERERS, progress_line, write_atomically
 
@@ -50,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="backend names, entry points, or package.module:attr (default: hf-eager)")
     chk.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     chk.add_argument("--device", default="cpu", choices=DEVICES)
-    chk.add_argument("--case", nargs="+", choices=CASE_NAMES, help="input cases (default: all)")
-    chk.add_argument("--check", nargs="+", choices=list(CHECKS), help="checks (default: all that apply)")
+    chk.add_argument("--case", nargs="+", choices=[*CASE_NAMES, STEPS_CASE],
+                     help=f"input cases (default: all; {STEPS_CASE} runs on multi-rank backends only)")
+    chk.add_argument("--check", nargs="+", choices=[*CHECKS, *PARTITION_CHECKS], help="checks (default: all that apply)")
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--format", default="text", choices=tuple(RENDERERS))
     chk.add_argument("--output", type=Path, help="write the report here (whole or not at all) instead of stdout")
@@ -97,7 +99,8 @@ def _check(args: argparse.Namespace, program: str) -> int:
         resolve_backend(name)
     sel = Selection(
         archs=archs, backends=tuple(args.backend), dtypes=tuple(args.dtype), device=args.device,
-        cases=tuple(args.case or CASE_NAMES), checks=tuple(args.check or CHECKS), seed=args.seed, program=program,
+        cases=tuple(args.case or (*CASE_NAMES, STEPS_CASE)), checks=tuple(args.check or (*CHECKS, *PARTITION_CHECKS)),
+        seed=args.seed, program=program,
     )
     records: list[CheckResult] = []
     start = time.perf_counter()

@@ -6,15 +6,18 @@ Both fronts use this: the pytest parity suite (one test per arch × backend × d
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from moeconf.backends import Backend, RunRequest, resolve_backend
+from moeconf.backends import Backend, Observation, RunRequest, resolve_backend
 from moeconf.cases import CASES, Case, CaseError, make_inputs
 from moeconf.checks import CHECKS, CheckInput, Outcome, applicable_checks
 from moeconf.devices import DTYPES
+from moeconf.partition.checks import PARTITION_CHECKS, STEPS_CASE, steps_outcomes
+from moeconf.partition.steps import StepsObservation, StepsReference, make_steps
 from moeconf.reference import reference_forward, reference_gradients
 from moeconf.registry import ArchEntry, get_entry
 from moeconf.registry.entry import Status
@@ -50,15 +53,15 @@ class Selection:
     backends: tuple[str, ...] = ("hf-eager",)
     dtypes: tuple[str, ...] = ("fp32",)
     device: str = "cpu"
-    cases: tuple[str, ...] = tuple(c.name for c in CASES)
-    checks: tuple[str, ...] = tuple(CHECKS)
+    cases: tuple[str, ...] = tuple(c.name for c in CASES) + (STEPS_CASE,)
+    checks: tuple[str, ...] = tuple(CHECKS) + PARTITION_CHECKS
     seed: int = 0
     program: str = field(default="moeconf", compare=False)
 
 
 def repro_command(sel: Selection, arch: str, backend: str, dtype: str, case: str, check: str) -> str:
     """A command line that reruns exactly one record."""
-    args = [sel.program, "check", "--arch", arch, "--backend", backend, "--dtype", dtype, "--device", sel.device,
+    args = [*shlex.split(sel.program), "check", "--arch", arch, "--backend", backend, "--dtype", dtype, "--device", sel.device,
             "--case", case, "--check", check, "--seed", str(sel.seed)]
     return shlex.join(args)
 
@@ -103,46 +106,97 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def run_group(
-    sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dtype: str, case: Case
-) -> Iterator[list[CheckResult]]:
-    """Records of one (arch, dtype, case) for every backend; the reference is computed once."""
+def _failure(exc: BaseException) -> Outcome:
+    """A backend that raised: a hang or a dead rank is a failed check; anything else an error."""
+    return Outcome(False if getattr(exc, "status", "error") == "fail" else None, message=_one_line(exc))
+
+
+def _as_records(sel: Selection, entry: ArchEntry, name: str, dtype: str, case: Case, checks: list[str],
+                result: Observation | BaseException, check_input: Callable[[Observation], CheckInput]) -> list[CheckResult]:
+    if isinstance(result, BaseException):
+        outcome = _failure(result)
+        if outcome.passed is None:  # the backend broke: every record is an error
+            return [dataclasses.replace(r, status="error", message=f"backend raised {outcome.message}")
+                    for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))]
+        return _records(sel, entry, name, dtype, case, checks, lambda _c: outcome)
+    ci = check_input(result)
+    return _records(sel, entry, name, dtype, case, checks, lambda c: CHECKS[c](ci))
+
+
+def _steps_records(sel: Selection, entry: ArchEntry, name: str, dtype: str, steps_ref: StepsReference,
+                   result: StepsObservation | BaseException | None) -> list[CheckResult]:
+    checks = [c for c in PARTITION_CHECKS if c in sel.checks]
+    case = Case(STEPS_CASE, 1, 1, "none", "adversarial multi-step routing")
+    if isinstance(result, BaseException):
+        outcome = _failure(result)
+        full = Outcome(outcome.passed, message=str(result))  # the hang report with every rank's stack
+        return _records(sel, entry, name, dtype, case, checks, lambda c: full if c == "no_hang" else outcome)
+    assert result is not None
+    outcomes = steps_outcomes(steps_ref, result, dtype)
+    return _records(sel, entry, name, dtype, case, checks, lambda c: outcomes[c])
+
+
+def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dtype: str) -> Iterator[list[CheckResult]]:
+    """Records of one (arch, dtype) for every backend and case; references are computed once.
+
+    Multi-rank backends (``run_session``) get every case plus the adversarial steps in one launch.
+    """
     checks = [c for c in applicable_checks(entry.spec) if c in sel.checks]
     torch_dtype = DTYPES[dtype]
-    try:
-        inputs = make_inputs(entry.spec, case, torch_dtype, sel.seed)
+    cases = [c for c in CASES if c.name in sel.cases]
+    prepared: list[tuple[Case, RunRequest, CheckInput | None]] = []
+    references = {}
+    for case in cases:
+        try:
+            inputs = make_inputs(entry.spec, case, torch_dtype, sel.seed)
+        except CaseError as exc:
+            for name in backends:
+                yield _records(sel, entry, name, dtype, case, checks, lambda _c, e=exc: Outcome(False, message=f"inputs: {e}"))
+            continue
         reference = reference_forward(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask)
         ref_grads = reference_gradients(entry.spec, inputs.params, inputs.hidden, inputs.grad_output)
-    except CaseError as exc:
-        for name in backends:
-            yield _records(sel, entry, name, dtype, case, checks, lambda _c, e=exc: Outcome(False, message=f"inputs: {e}"))
-        return
+        request = RunRequest(entry, inputs.params, inputs.hidden, inputs.attention_mask, inputs.grad_output, torch_dtype, sel.device)
+        prepared.append((case, request, None))
+        references[case.name] = (reference, ref_grads)
+
+    def check_input(case: Case) -> Callable[[Observation], CheckInput]:
+        reference, ref_grads = references[case.name]
+        return lambda obs: CheckInput(entry.spec, reference, ref_grads, obs, dtype)
+
     for name, backend in backends.items():
         reason = backend.supports(entry, dtype, sel.device) if dtype in backend.dtypes else f"{name} does not run {dtype}"
         if reason is not None:
-            yield _records(sel, entry, name, dtype, case, checks, lambda _c, r=reason: Outcome(None, message=r))
+            for case, _, _ in prepared:
+                yield _records(sel, entry, name, dtype, case, checks, lambda _c, r=reason: Outcome(None, message=r))
             continue
-        request = RunRequest(entry, inputs.params, inputs.hidden, inputs.attention_mask, inputs.grad_output,
-                             torch_dtype, sel.device)
-        try:
-            observation = backend.run(request)
-        except Exception as exc:  # the backend broke: report it, keep gating the rest
-            message = f"backend raised {_one_line(exc)}"
-            yield [
-                CheckResult(**{**r.to_dict(), "status": "error", "message": message})  # type: ignore[arg-type]
-                for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))
-            ]
+        run_session = getattr(backend, "run_session", None)
+        if run_session is not None:
+            steps_request, steps_ref = None, None
+            if STEPS_CASE in sel.cases and any(c in sel.checks for c in PARTITION_CHECKS):
+                steps_request, steps_ref = make_steps(entry, torch_dtype, sel.device, seed=sel.seed)
+            try:
+                observations, steps_obs = run_session([req for _, req, _ in prepared], steps_request)
+                results: list[Observation | BaseException] = list(observations)
+                steps_result: StepsObservation | BaseException | None = steps_obs
+            except Exception as exc:  # a hang or crash fails every case of the launch
+                results, steps_result = [exc] * len(prepared), exc
+            for (case, _, _), result in zip(prepared, results):
+                yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
+            if steps_ref is not None:
+                yield _steps_records(sel, entry, name, dtype, steps_ref, steps_result)
             continue
-        check_input = CheckInput(entry.spec, reference, ref_grads, observation, dtype)
-        yield _records(sel, entry, name, dtype, case, checks, lambda c: CHECKS[c](check_input))
+        for case, request, _ in prepared:
+            try:
+                result: Observation | BaseException = backend.run(request)
+            except Exception as exc:  # the backend broke: report it, keep gating the rest
+                result = exc
+            yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
 
 
 def run_selection(sel: Selection) -> Iterator[list[CheckResult]]:
-    """Every record of the selection, one (arch, dtype, case) group at a time (for progress output)."""
+    """Every record of the selection, a (arch, backend, dtype, case) group at a time (for progress)."""
     backends = {name: resolve_backend(name) for name in sel.backends}
-    cases = [c for c in CASES if c.name in sel.cases]
     for arch in sel.archs:
         entry = get_entry(arch)
         for dtype in sel.dtypes:
-            for case in cases:
-                yield from run_group(sel, entry, backends, dtype, case)
+            yield from run_arch(sel, entry, backends, dtype)

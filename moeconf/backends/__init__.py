@@ -14,16 +14,28 @@ from importlib.metadata import entry_points
 
 from moeconf.backends.base import Backend, BackendError, Observation, RunRequest
 from moeconf.backends.grouped_mm import GROUPED_MM
-from moeconf.backends.hf import HF_BATCHED_MM, HF_EAGER, HF_GROUPED_MM, HFBlockBackend
+from moeconf.backends.hf import HF_BATCHED_MM, HF_DENSE, HF_EAGER, HF_GROUPED_MM, HFBlockBackend
 from moeconf.backends.npu_gmm import NPU_GMM
 from moeconf.registry import UnknownName
+
+PARTITIONED_NAMES = ("zero3-leaf", "zero3", "zero2-dense", "zero2", "fsdp2-dense", "fsdp2")
+
+
+def _partitioned(name: str) -> Backend:
+    # Imported on demand: ranks import moeconf.backends themselves, and most runs need no launcher.
+    from moeconf.backends.partitioned import PARTITIONED
+
+    return next(b for b in PARTITIONED if b.name == name)
+
 
 BUILTIN: dict[str, Callable[[], Backend]] = {
     "hf-eager": lambda: HF_EAGER,
     "hf-grouped-mm": lambda: HF_GROUPED_MM,
     "hf-batched-mm": lambda: HF_BATCHED_MM,
+    "hf-dense": lambda: HF_DENSE,
     "grouped-mm": lambda: GROUPED_MM,
     "npu-gmm": lambda: NPU_GMM,
+    **{name: (lambda name=name: _partitioned(name)) for name in PARTITIONED_NAMES},
 }
 ENTRY_POINT_GROUP = "moeconf.backends"
 

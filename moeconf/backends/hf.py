@@ -97,6 +97,25 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach() if isinstance(t, torch.Tensor) else t
 
 
+class DenseBlockBackend(HFBlockBackend):
+    """``hf-dense``: the block with moeconf's dense patch (``moeconf.partition.dense``), single process.
+
+    It is what ``zero2-dense`` / ``fsdp2-dense`` shard; checking it alone separates a patch bug from
+    a partitioning bug.
+    """
+
+    def __init__(self, name: str = "hf-dense") -> None:
+        from moeconf.partition.dense import apply_dense_patch
+
+        super().__init__(name, "eager", patch=apply_dense_patch)
+
+    def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
+        from moeconf.partition.dense import dense_reason
+
+        return super().supports(entry, dtype, device) or dense_reason(entry)
+
+
 HF_EAGER = HFBlockBackend("hf-eager", "eager")
 HF_GROUPED_MM = HFBlockBackend("hf-grouped-mm", "grouped_mm")
 HF_BATCHED_MM = HFBlockBackend("hf-batched-mm", "batched_mm")
+HF_DENSE = DenseBlockBackend()

@@ -5,7 +5,7 @@ and observing it (router output, experts call, gradients). Shared by every HF-ba
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -98,37 +98,51 @@ def _canonical(value: torch.Tensor, expert: int | None) -> torch.Tensor:
     return value if expert is None else value[expert]
 
 
-def canonical_grads(entry: ArchEntry, block: nn.Module) -> tuple[dict[str, torch.Tensor | None], tuple[str, ...]]:
-    """Block ``.grad``s split back into canonical names, and the per-expert slices whose grad was None.
+def to_canonical(
+    entry: ArchEntry, tensors: Mapping[str, torch.Tensor | None]
+) -> tuple[dict[str, torch.Tensor | None], tuple[str, ...]]:
+    """Block tensors (weights or their grads, by binding path) split back into canonical names.
 
-    A whole tensor with no grad maps to None; a per-expert slice with no grad becomes zeros in the
-    assembled canonical tensor and is named in the second return value.
+    Returns the canonical tensors and the per-expert slices that were None. A whole tensor that is
+    None maps to None; a None per-expert slice becomes zeros in the assembled canonical tensor (and
+    is named in the second value). Paths absent from ``tensors`` (buffers, frozen params) are skipped.
     """
     shapes = param_shapes(entry.spec)
-    grads: dict[str, torch.Tensor | None] = {}
+    out: dict[str, torch.Tensor | None] = {}
     missing: list[str] = []
     for binding in entry.params:
-        tensor = _tensor_at(block, binding.path)
-        if not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
+        if binding.path not in tensors:
             continue
+        value = tensors[binding.path]
+        layout = LAYOUTS[binding.layout]
         if binding.expert is None:
-            if tensor.grad is None:
-                grads.update({name: None for name in binding.canonical})
-                continue
-            parts = split_to_canonical(LAYOUTS[binding.layout], tensor.grad, tuple(shapes[n] for n in binding.canonical))
-            grads.update(zip(binding.canonical, parts))
+            if value is None:
+                out.update({name: None for name in binding.canonical})
+            else:
+                out.update(zip(binding.canonical, split_to_canonical(layout, value, tuple(shapes[n] for n in binding.canonical))))
             continue
         for name in binding.canonical:
-            assembled = grads.get(name)
-            if assembled is None:
-                grads[name] = assembled = torch.zeros(shapes[name], dtype=tensor.dtype, device=tensor.device)
-        if tensor.grad is None:
+            if out.get(name) is None:
+                ref = value if value is not None else torch.zeros(())
+                out[name] = torch.zeros(shapes[name], dtype=ref.dtype, device=ref.device)
+        if value is None:
             missing += [f"{name}[{binding.expert}]" for name in binding.canonical]
             continue
-        slice_shapes = tuple(shapes[n][1:] for n in binding.canonical)
-        for name, part in zip(binding.canonical, split_to_canonical(LAYOUTS[binding.layout], tensor.grad, slice_shapes)):
-            grads[name][binding.expert] = part  # type: ignore[index]
-    return grads, tuple(missing)
+        slices = split_to_canonical(layout, value, tuple(shapes[n][1:] for n in binding.canonical))
+        for name, part in zip(binding.canonical, slices):
+            out[name][binding.expert] = part.to(out[name].dtype)  # type: ignore[index]
+    return out, tuple(missing)
+
+
+def trained_tensors(entry: ArchEntry, block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's trainable parameters that the entry binds, by binding path."""
+    params = dict(block.named_parameters())
+    return {b.path: params[b.path] for b in entry.params if b.path in params and params[b.path].requires_grad}
+
+
+def canonical_grads(entry: ArchEntry, block: nn.Module) -> tuple[dict[str, torch.Tensor | None], tuple[str, ...]]:
+    """The block's ``.grad``s under canonical names (see ``to_canonical``)."""
+    return to_canonical(entry, {path: p.grad for path, p in trained_tensors(entry, block).items()})
 
 
 @dataclass
@@ -141,12 +155,16 @@ class Recording:
 
     def router_logits(self, entry: ArchEntry) -> torch.Tensor | None:
         out = self.router_output
-        if out is None:
+        if out is None or entry.routing_from == "router_index_weights":
             return None
         return out if entry.router_logits_index is None else out[entry.router_logits_index]
 
     def routing(self, entry: ArchEntry) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(topk_index [N, k], topk_weights [N, k])`` as the block used them."""
+        if entry.routing_from == "none":
+            return None, None
+        if entry.routing_from == "router_index_weights":
+            return (None, None) if self.router_output is None else (self.router_output[0], self.router_output[1])
         if entry.routing_from == "router_dense_scores":
             if self.router_output is None:
                 return None, None

@@ -17,8 +17,35 @@ def _index(*groups: tuple[ArchEntry, ...]) -> dict[str, ArchEntry]:
     return registry
 
 
-REGISTRY: dict[str, ArchEntry] = _index(
-    CORE_ENTRIES, softmax_family.ENTRIES, deepseek_family.ENTRIES, sigmoid_family.ENTRIES
+def _transformers_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])
+
+
+def _legacy_entries() -> tuple[ArchEntry, ...]:
+    """Under transformers 4.x only the entries with a declared 4.x variant are registered."""
+    import dataclasses
+
+    from moeconf.registry.legacy import LEGACY_4X
+
+    core = {e.model_type: e for e in CORE_ENTRIES}
+    entries = []
+    for model_type, overrides in LEGACY_4X.items():
+        overrides = dict(overrides)
+        entry = core[model_type]
+        router = overrides.pop("spec_router", None)
+        if router:
+            overrides["spec"] = dataclasses.replace(entry.spec, router=dataclasses.replace(entry.spec.router, **router))
+        entries.append(dataclasses.replace(entry, **overrides))
+    return tuple(entries)
+
+
+TRANSFORMERS_MAJOR = _transformers_major()
+REGISTRY: dict[str, ArchEntry] = (
+    _index(CORE_ENTRIES, softmax_family.ENTRIES, deepseek_family.ENTRIES, sigmoid_family.ENTRIES)
+    if TRANSFORMERS_MAJOR >= 5
+    else _index(_legacy_entries())
 )
 
 

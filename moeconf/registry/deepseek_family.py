@@ -1,7 +1,691 @@
-"""Registry entries: deepseek family (data, not code; see core.py for the shared tiny sizes and helpers)."""
+"""Registry entries: deepseek family (data, not code; see core.py for the shared tiny sizes and helpers).
+
+DeepSeek-V3-style sigmoid routers (selection bias, group-limited top-k, renormalisation flag, routed
+scaling) and the DeepSeek-V2 / Mistral-4 softmax + group-limited routers. Each entry sets the router
+flags explicitly and varies them across entries (renorm on/off, scaling, group fill) so that every path
+of the shared router code is exercised somewhere.
+
+Left out (the spec cannot express them; see the report in the session notes):
+``nemotron_h`` (non-gated relu² *shared* expert), ``glm5_next`` / ``glm5_next_text`` (clamped-SwiGLU
+*shared* expert).
+"""
 
 from __future__ import annotations
 
-from moeconf.registry.entry import ArchEntry
+from moeconf.registry.core import ATTENTION, E, FUSED_EXPERTS, H, I, K, S, SWITCH_AUX, shared_mlp
+from moeconf.registry.entry import ArchEntry, Binding, Expectation
+from moeconf.spec import ExpertSpec, GroupLimit, MoESpec, RouterSpec, SharedSpec
 
-ENTRIES: tuple[ArchEntry, ...] = ()
+GROUPS = GroupLimit(n_group=2, topk_group=1)
+"""Two groups of four experts, one kept: the group stage really removes candidates."""
+
+MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
+"""Tiny multi-head latent attention."""
+
+DSA = dict(index_topk=4, index_head_dim=8, index_n_heads=2)
+"""Tiny DeepSeek sparse-attention indexer."""
+
+BIASED_GATE = (
+    Binding("gate.weight", ("router.weight",)),
+    Binding("gate.e_score_correction_bias", ("router.selection_bias",)),
+)
+"""DeepSeek-V3 router: weight plus the float32 selection-only bias buffer."""
+
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+"""Special tokens inside the tiny vocabulary (several defaults point past it)."""
+
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+"""Plain RoPE where the default is YaRN with factors meant for long contexts."""
+
+GATE = (Binding("gate.weight", ("router.weight",)),)
+
+
+def sigmoid_router(norm: bool, scaling: float, group: GroupLimit | None = GROUPS, site: str = "weights") -> RouterSpec:
+    """R3 DeepSeek-V3: sigmoid scores, selection on scores + bias (group-limited), weights = unbiased
+    scores, renormalised ``/ (Σ + 1e-20)`` iff ``norm``, times ``scaling`` (in the weights or on the output)."""
+    return RouterSpec(
+        scoring="sigmoid", select_on="scores", selection_bias=True, weight_from="scores",
+        renorm="always" if norm else "never", renorm_eps=1e-20, group_limit=group, routed_scaling=scaling,
+        scaling_site=site,  # type: ignore[arg-type]
+    )
+
+
+def softmax_group_router(norm: bool, scaling: float, group: GroupLimit | None) -> RouterSpec:
+    """R6 DeepSeek-V2 / Mistral-4: softmax scores, (group-limited) top-k on them, weights = scores,
+    renormalised ``/ (Σ + 1e-20)`` iff ``norm``, times ``scaling``."""
+    return RouterSpec(
+        scoring="softmax", select_on="scores", weight_from="scores", renorm="always" if norm else "never",
+        renorm_eps=1e-20, group_limit=group, routed_scaling=scaling,
+    )
+
+
+DSV3_BLOCK = BIASED_GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
+"""DeepSeek-V3-style block: biased router, fused experts, gate/up/down ``shared_experts``."""
+
+DSV2_BLOCK = GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
+"""DeepSeek-V2 / Mistral-4 block: router without bias, fused experts, ``shared_experts``."""
+
+
+GLM4V_TEXT = dict(
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+    n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, hidden_act="silu",
+    first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, router_aux_loss_coef=0.02, output_router_logits=True,
+    **ATTENTION,
+)
+DOTS3_TEXT = dict(
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, shared_experts_intermediate_size=S, n_shared_experts=1,
+    n_routed_experts=E, num_experts_per_tok=K, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0,
+    hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **DSA, **TOKENS, **ATTENTION,
+)
+HYV4VL_TEXT = dict(
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+    n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.827, hidden_act="silu",
+    swiglu_limit=3.0, mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **DSA, **TOKENS, **ATTENTION,
+    rope_parameters={**ROPE, "mrope_section": [2, 1, 1]},  # sums to qk_rope_head_dim // 2
+)
+OCR2_TEXT = dict(
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+    n_shared_experts=1, topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=2.0,
+    hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, **ATTENTION,
+)
+UNLIMITED_OCR_TEXT = dict(
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+    n_shared_experts=1, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.5,
+    hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, **ATTENTION,
+)
+LARGE4_TEXT = dict(
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+    n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, hidden_act="silu",
+    mlp_layer_types=["sparse"], num_hidden_layers=1, rope_parameters=ROPE, **MLA, **DSA, **ATTENTION,
+)
+"""Text configs shared by a composite model type and its ``*_text`` sub-config type."""
+
+SAM_VISION = dict(
+    hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=4, image_size=64, patch_size=16,
+    global_attn_indexes=(0,), window_size=2, mlp_dim=32, downsample_channels=[16, 32],
+)
+"""Tiny SAM tower of the DeepSeek-OCR-2 / Unlimited-OCR vision encoder."""
+
+DSV2_NORM_IGNORED = (
+    "upstream: DeepseekV2TopkRouter.forward (transformers/models/deepseek_v2/modeling_deepseek_v2.py) ignores "
+    "config.norm_topk_prob and never renormalises the top-k weights"
+)
+
+ENTRIES: tuple[ArchEntry, ...] = (
+    ArchEntry(
+        model_type="deepseek_v32",
+        config_class="DeepseekV32Config",
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            hidden_act="silu", first_k_dense_replace=0, mlp_layer_types=["sparse"], num_hidden_layers=1,
+            **MLA, **DSA, **ATTENTION,
+        ),
+        modeling_module="transformers.models.deepseek_v32.modeling_deepseek_v32",
+        block_class="DeepseekV32MoE",
+        block_path="model.layers.0.mlp",
+        model_class="DeepseekV32ForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="glm4_moe",
+        config_class="Glm4MoeConfig",
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+            hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.glm4_moe.modeling_glm4_moe",
+        block_class="Glm4MoeMoE",
+        block_path="model.layers.0.mlp",
+        model_class="Glm4MoeForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="glm4_moe_lite",
+        config_class="Glm4MoeLiteConfig",
+        # norm_topk_prob=False: the un-renormalised path of the shared DeepSeek-V3 router.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.8,
+            hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **ATTENTION,
+        ),
+        modeling_module="transformers.models.glm4_moe_lite.modeling_glm4_moe_lite",
+        block_class="Glm4MoeLiteMoE",
+        block_path="model.layers.0.mlp",
+        model_class="Glm4MoeLiteForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(False, 1.8), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="glm_moe_dsa",
+        config_class="GlmMoeDsaConfig",
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            hidden_act="silu", first_k_dense_replace=0, mlp_layer_types=["sparse"], num_hidden_layers=1,
+            **MLA, **DSA, **ATTENTION,
+        ),
+        modeling_module="transformers.models.glm_moe_dsa.modeling_glm_moe_dsa",
+        block_class="GlmMoeDsaMoE",
+        block_path="model.layers.0.mlp",
+        model_class="GlmMoeDsaForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="dots1",
+        config_class="Dots1Config",
+        # norm_topk_prob=False (the config default) keeps the un-renormalised path covered.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=False, routed_scaling_factor=2.0,
+            hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.dots1.modeling_dots1",
+        block_class="Dots1MoE",
+        block_path="model.layers.0.mlp",
+        model_class="Dots1ForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(False, 2.0), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="kimi_linear",
+        config_class="KimiLinearConfig",
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_token=K,
+            num_shared_experts=1, num_expert_group=2, topk_group=1, moe_renormalize=True, routed_scaling_factor=2.446,
+            hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **TOKENS, **ATTENTION,
+        ),
+        modeling_module="transformers.models.kimi_linear.modeling_kimi_linear",
+        block_class="KimiLinearMoE",
+        block_path="model.layers.0.mlp",
+        model_class="KimiLinearForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.446), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="bailing_hybrid",
+        config_class="BailingHybridConfig",
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_token=K,
+            num_shared_experts=1, num_expert_group=2, topk_group=1, moe_renormalize=True, routed_scaling_factor=2.5,
+            hidden_act="silu", first_k_dense_replace=0, mlp_layer_types=["sparse"], num_hidden_layers=1,
+            **MLA, **TOKENS, **ATTENTION,
+        ),
+        modeling_module="transformers.models.bailing_hybrid.modeling_bailing_hybrid",
+        block_class="BailingHybridMoE",
+        block_path="model.layers.0.mlp",
+        model_class="BailingHybridForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="solar_open",
+        config_class="SolarOpenConfig",
+        config_kwargs=dict(
+            hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=1,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, hidden_act="silu",
+            num_hidden_layers=1, head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.solar_open.modeling_solar_open",
+        block_class="SolarOpenMoE",
+        block_path="model.layers.0.mlp",
+        model_class="SolarOpenForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="axk1",
+        config_class="AXK1Config",
+        # The block ends with its own RMSNorm (post_mlp_layernorm) on routed + shared output.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, rms_norm_eps=1e-6,
+            **MLA, **TOKENS, **ATTENTION,
+        ),
+        modeling_module="transformers.models.axk1.modeling_axk1",
+        block_class="AXK1MoE",
+        block_path="model.layers.0.mlp",
+        model_class="AXK1ForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I), output_norm_eps=1e-6),
+        params=DSV3_BLOCK + (Binding("post_mlp_layernorm.weight", ("output_norm.weight",)),),
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="axk2",
+        config_class="AXK2Config",
+        # AXK2 fills the masked groups with 0.0, not -inf (intentional upstream, "to match reference").
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, gated_norm_rank=4,
+            **MLA, **DSA, **TOKENS, **ATTENTION,
+        ),
+        modeling_module="transformers.models.axk2.modeling_axk2",
+        block_class="AXK2MoE",
+        block_path="model.layers.0.mlp",
+        model_class="AXK2ForCausalLM",
+        spec=MoESpec(
+            E, K, H, I, router=sigmoid_router(True, 2.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
+            shared=SharedSpec(I),
+        ),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="mimo_v2_flash",
+        config_class="MiMoV2FlashConfig",
+        # No shared experts in this block.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, hidden_act="silu",
+            mlp_layer_types=["sparse"], num_hidden_layers=1, head_dim=8, v_head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.mimo_v2_flash.modeling_mimo_v2_flash",
+        block_class="MiMoV2FlashMoE",
+        block_path="model.layers.0.mlp",
+        model_class="MiMoV2FlashForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5)),
+        params=BIASED_GATE + FUSED_EXPERTS,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="hy_v4",
+        config_class="HYV4Config",
+        # swiglu_limit=3.0: the clamps of act(min(gate, L))·clamp(up, ±L) bite on a few values per case.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.827,
+            hidden_act="silu", swiglu_limit=3.0, mlp_layer_types=["sparse"], num_hidden_layers=1,
+            **MLA, **DSA, **TOKENS, **ATTENTION,
+        ),
+        modeling_module="transformers.models.hy_v4.modeling_hy_v4",
+        block_class="HYV4MoE",
+        block_path="model.layers.0.mlp",
+        model_class="HYV4ForCausalLM",
+        spec=MoESpec(
+            E, K, H, I, router=sigmoid_router(True, 2.827),
+            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=3.0), shared=SharedSpec(I),
+        ),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="exaone_moe",
+        config_class="ExaoneMoeConfig",
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+            num_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            hidden_act="silu", first_k_dense_replace=0, mlp_layer_types=["sparse"], num_hidden_layers=1,
+            head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.exaone_moe.modeling_exaone_moe",
+        block_class="ExaoneMoeSparseMoEBlock",
+        block_path="model.layers.0.mlp",
+        model_class="ExaoneMoeForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="beam",
+        config_class="BeamConfig",
+        # routed_scaling_factor multiplies the aggregated routed output in BeamMoE, not the weights.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, hidden_act="silu",
+            mlp_layer_types=["sparse"], num_hidden_layers=1, head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.beam.modeling_beam",
+        block_class="BeamMoE",
+        block_path="model.layers.0.mlp",
+        model_class="BeamForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5, site="output")),
+        params=BIASED_GATE + FUSED_EXPERTS,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="sarvam_mla",
+        config_class="SarvamMLAConfig",
+        # Alias type: runs transformers' DeepSeek-V3 classes.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+            hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, **MLA, **ATTENTION,
+        ),
+        modeling_module="transformers.models.deepseek_v3.modeling_deepseek_v3",
+        block_class="DeepseekV3MoE",
+        block_path="model.layers.0.mlp",
+        model_class="DeepseekV3ForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="sarvam_moe",
+        config_class="SarvamMoEConfig",
+        # Alias type: runs transformers' GLM-4-MoE classes. norm_topk_prob=False covers the flag's off path.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=False, routed_scaling_factor=2.5,
+            hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.glm4_moe.modeling_glm4_moe",
+        block_class="Glm4MoeMoE",
+        block_path="model.layers.0.mlp",
+        model_class="Glm4MoeForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(False, 2.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="mistral4",
+        config_class="Mistral4Config",
+        # Softmax in the model dtype, group score = sum of top-2, masked groups filled with 0.0.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+            hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, **MLA, rope_parameters=ROPE, **ATTENTION,
+        ),
+        modeling_module="transformers.models.mistral4.modeling_mistral4",
+        block_class="Mistral4MoE",
+        block_path="model.layers.0.mlp",
+        model_class="Mistral4ForCausalLM",
+        spec=MoESpec(
+            E, K, H, I, router=softmax_group_router(True, 1.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
+            shared=SharedSpec(I),
+        ),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="deepseek_v2",
+        config_class="DeepseekV2Config",
+        # norm_topk_prob=True is documented ("Whether to normalize the weights of the routed experts") but
+        # DeepseekV2TopkRouter.forward never reads it: the spec renormalises, the block does not.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+            n_shared_experts=1, topk_method="group_limited_greedy", n_group=2, topk_group=1, norm_topk_prob=True,
+            routed_scaling_factor=2.0, hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1,
+            **MLA, **ATTENTION,
+        ),
+        modeling_module="transformers.models.deepseek_v2.modeling_deepseek_v2",
+        block_class="DeepseekV2Moe",
+        block_path="model.layers.0.mlp",
+        model_class="DeepseekV2ForCausalLM",
+        spec=MoESpec(
+            E, K, H, I,
+            router=softmax_group_router(True, 2.0, GroupLimit(n_group=2, topk_group=1, score="max", fill="zero")),
+            shared=SharedSpec(I),
+        ),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+        expectations=tuple(
+            Expectation("xfail", DSV2_NORM_IGNORED, check=check)
+            for check in ("routing_weights", "output", "grad_input", "grad_router", "grad_experts")
+        ),
+    ),
+    ArchEntry(
+        model_type="glm4v_moe",
+        config_class="Glm4vMoeConfig",
+        config_kwargs=dict(
+            text_config=dict(GLM4V_TEXT),
+            vision_config=dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=32, out_hidden_size=H),
+        ),
+        modeling_module="transformers.models.glm4v_moe.modeling_glm4v_moe",
+        block_class="Glm4vMoeTextMoE",
+        block_path="model.language_model.layers.0.mlp",
+        model_class="Glm4vMoeForConditionalGeneration",
+        block_config_attr="text_config",
+        # Glm4vMoeForConditionalGeneration adds text_config.router_aux_loss_coef × load_balancing_loss_func.
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I), losses=SWITCH_AUX),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+        aux_coef_attr="text_config.router_aux_loss_coef",
+    ),
+    ArchEntry(
+        model_type="glm4v_moe_text",
+        config_class="Glm4vMoeTextConfig",
+        config_kwargs=dict(GLM4V_TEXT),
+        modeling_module="transformers.models.glm4v_moe.modeling_glm4v_moe",
+        block_class="Glm4vMoeTextMoE",
+        block_path="layers.0.mlp",
+        model_class="Glm4vMoeTextModel",
+        # The text model has no loss of its own (the aux loss lives in the composite's ForConditionalGeneration).
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="dots3_note",
+        config_class="Dots3NoteConfig",
+        # Vision tower kept dense (its MoE is a different, R4 block); shared width is configurable here.
+        config_kwargs=dict(
+            text_config=dict(DOTS3_TEXT),
+            vision_config=dict(
+                num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32,
+                mlp_layer_types=["dense"], adapter_in_dim=32, adapter_out_dim=H,
+            ),
+            audio_config=dict(
+                num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32,
+                downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=H,
+            ),
+        ),
+        modeling_module="transformers.models.dots3_note.modeling_dots3_note",
+        block_class="Dots3NoteTextMoE",
+        block_path="model.language_model.layers.0.mlp",
+        model_class="Dots3NoteForConditionalGeneration",
+        block_config_attr="text_config",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.0), shared=SharedSpec(S)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="dots3_note_text",
+        config_class="Dots3NoteTextConfig",
+        config_kwargs=dict(DOTS3_TEXT),
+        modeling_module="transformers.models.dots3_note.modeling_dots3_note",
+        block_class="Dots3NoteTextMoE",
+        block_path="model.layers.0.mlp",
+        model_class="Dots3NoteForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.0), shared=SharedSpec(S)),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="hy_v4_vl",
+        config_class="HYV4VLConfig",
+        config_kwargs=dict(
+            text_config=dict(HYV4VL_TEXT),
+            vision_config=dict(
+                num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32, out_hidden_size=H,
+                patch_size=16,
+            ),
+        ),
+        modeling_module="transformers.models.hy_v4_vl.modeling_hy_v4_vl",
+        block_class="HYV4VLMoE",
+        block_path="model.language_model.layers.0.mlp",
+        model_class="HYV4VLForConditionalGeneration",
+        block_config_attr="text_config",
+        spec=MoESpec(
+            E, K, H, I, router=sigmoid_router(True, 2.827),
+            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=3.0), shared=SharedSpec(I),
+        ),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="hy_v4_vl_text",
+        config_class="HYV4VLTextConfig",
+        config_kwargs=dict(HYV4VL_TEXT),
+        modeling_module="transformers.models.hy_v4_vl.modeling_hy_v4_vl",
+        block_class="HYV4VLMoE",
+        block_path="layers.0.mlp",
+        model_class="HYV4VLTextModel",
+        spec=MoESpec(
+            E, K, H, I, router=sigmoid_router(True, 2.827),
+            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=3.0), shared=SharedSpec(I),
+        ),
+        params=DSV3_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="deepseek_ocr2",
+        config_class="DeepseekOcr2Config",
+        # Text side = DeepSeek-V2 MoE (group_limited_greedy: group score = max, masked groups = 0.0); this config
+        # has no norm_topk_prob, so "never renormalise" is what it describes.
+        config_kwargs=dict(
+            text_config=dict(OCR2_TEXT),
+            vision_config=dict(
+                sam_config=dict(SAM_VISION),
+                encoder_config=dict(
+                    hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=128,
+                ),
+            ),
+        ),
+        modeling_module="transformers.models.deepseek_ocr2.modeling_deepseek_ocr2",
+        block_class="DeepseekOcr2TextMoe",
+        block_path="model.language_model.layers.0.mlp",
+        model_class="DeepseekOcr2ForConditionalGeneration",
+        block_config_attr="text_config",
+        spec=MoESpec(
+            E, K, H, I,
+            router=softmax_group_router(False, 2.0, GroupLimit(n_group=2, topk_group=1, score="max", fill="zero")),
+            shared=SharedSpec(I),
+        ),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="deepseek_ocr2_text",
+        config_class="DeepseekOcr2TextConfig",
+        config_kwargs=dict(OCR2_TEXT),
+        modeling_module="transformers.models.deepseek_ocr2.modeling_deepseek_ocr2",
+        block_class="DeepseekOcr2TextMoe",
+        block_path="layers.0.mlp",
+        model_class="DeepseekOcr2TextModel",
+        spec=MoESpec(
+            E, K, H, I,
+            router=softmax_group_router(False, 2.0, GroupLimit(n_group=2, topk_group=1, score="max", fill="zero")),
+            shared=SharedSpec(I),
+        ),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="unlimited_ocr",
+        config_class="UnlimitedOcrConfig",
+        # topk_method="greedy": plain top-k of the softmax (the group-limited path is covered by deepseek_ocr2).
+        config_kwargs=dict(
+            text_config=dict(UNLIMITED_OCR_TEXT),
+            vision_config=dict(
+                sam_config=dict(SAM_VISION),
+                encoder_config=dict(
+                    hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                    patch_size=14,
+                ),
+            ),
+        ),
+        modeling_module="transformers.models.unlimited_ocr.modeling_unlimited_ocr",
+        block_class="UnlimitedOcrTextMoe",
+        block_path="model.language_model.layers.0.mlp",
+        model_class="UnlimitedOcrForConditionalGeneration",
+        block_config_attr="text_config",
+        spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 1.5, None), shared=SharedSpec(I)),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="unlimited_ocr_text",
+        config_class="UnlimitedOcrTextConfig",
+        config_kwargs=dict(UNLIMITED_OCR_TEXT),
+        modeling_module="transformers.models.unlimited_ocr.modeling_unlimited_ocr",
+        block_class="UnlimitedOcrTextMoe",
+        block_path="layers.0.mlp",
+        model_class="UnlimitedOcrTextModel",
+        spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 1.5, None), shared=SharedSpec(I)),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="mistral_large4",
+        config_class="MistralLarge4Config",
+        # fp32 router; renormalisation is unconditional (the config has no norm_topk_prob).
+        config_kwargs=dict(
+            text_config=dict(LARGE4_TEXT),
+            vision_config=dict(
+                model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=4, head_dim=8, image_size=32, patch_size=16,
+            ),
+        ),
+        modeling_module="transformers.models.mistral_large4.modeling_mistral_large4",
+        block_class="MistralLarge4TextMoE",
+        block_path="model.language_model.layers.0.mlp",
+        model_class="MistralLarge4ForConditionalGeneration",
+        block_config_attr="text_config",
+        spec=MoESpec(
+            E, K, H, I, router=softmax_group_router(True, 1.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
+            shared=SharedSpec(I),
+        ),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="mistral_large4_text",
+        config_class="MistralLarge4TextConfig",
+        config_kwargs=dict(LARGE4_TEXT),
+        modeling_module="transformers.models.mistral_large4.modeling_mistral_large4",
+        block_class="MistralLarge4TextMoE",
+        block_path="layers.0.mlp",
+        model_class="MistralLarge4TextModel",
+        spec=MoESpec(
+            E, K, H, I, router=softmax_group_router(True, 1.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
+            shared=SharedSpec(I),
+        ),
+        params=DSV2_BLOCK,
+        router_path="gate",
+        experts_path="experts",
+    ),
+)

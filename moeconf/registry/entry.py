@@ -75,8 +75,10 @@ class ArchEntry:
         router_path: module (relative to the block) whose output the framework records as router logits.
         router_logits_index: index of the logits in that module's output tuple (None: output is the tensor).
         experts_path: experts module, called as ``experts(hidden [N, H], index [N, k], weights [N, k])``.
-        routing_from: where a backend reads the routing: the experts call's arguments, or the router's
-            dense ``[N, E]`` score matrix (Llama-4, whose experts see pre-weighted inputs).
+        routing_from: where a backend reads the routing: the experts call's arguments, the router's
+            dense ``[N, E]`` score matrix (Llama-4, whose experts see pre-weighted inputs), the router's
+            ``(index, weights)`` output (DeepSeek-V3 in transformers 4.x), or nowhere (``"none"``: the
+            routing checks are skipped).
         block_init: constructor arguments of the block class.
         block_config_attr: sub-config the block is built from (``"text_config"`` for composite models).
         train_mode: run the block in ``train()`` (default, as training stacks do) or ``eval()`` (blocks
@@ -97,7 +99,7 @@ class ArchEntry:
     router_path: str
     experts_path: str
     router_logits_index: int | None = 0
-    routing_from: Literal["experts_call", "router_dense_scores"] = "experts_call"
+    routing_from: Literal["experts_call", "router_dense_scores", "router_index_weights", "none"] = "experts_call"
     leaf_classes: tuple[str, ...] = ()
     aux_coef_attr: str | None = None
     block_init: Literal["config", "config_and_layer_idx"] = "config"

@@ -1,4 +1,16 @@
-"""Registry entries: sigmoid family (data, not code; see core.py for the shared tiny sizes and helpers)."""
+"""Registry entries: sigmoid family (data, not code; see core.py for the shared tiny sizes and helpers).
+
+Sigmoid (or sqrt-softplus) routers without expert groups, plus the softmax-with-selection-bias
+routers of the same generation (ERNIE, LongCat). shared/notes/transformers-moe-landscape.md §4 R4/R5.
+
+Not registered, because the spec cannot express them (details in the session report):
+minimax_m3_vl / minimax_m3_vl_text (shared expert with the GPT-OSS clamped activation),
+muse_spark / muse_spark_text (latent MoE: pre/post projections, pre-norm, per-expert post-norm),
+inkling2 / inkling2_loop / inkling2_text / inkling2_loop_text (soft-capped SwiGLU experts),
+inkling_text / inkling_mm_model (router-gated shared experts), ernie4_5_vl_moe /
+ernie4_5_vl_moe_text (modality-isolated text/vision expert sets chosen by token-type ids),
+zaya (MLP router with a carried state and a skip class).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +20,46 @@ from moeconf.spec import ExpertSpec, MoESpec, RouterSpec, SharedSpec
 
 
 def sigmoid_router(**options: object) -> RouterSpec:
-    """R4: sigmoid scores on all experts → top-k (of scores + selection bias) → gathered scores → renormalise."""
-    base: dict[str, object] = dict(scoring="sigmoid", select_on="scores", selection_bias=True, weight_from="scores", renorm="always")
+    """R4: sigmoid scores → top-k of (scores + selection bias) → gathered unbiased scores → renormalise."""
+    base: dict[str, object] = {
+        "scoring": "sigmoid", "select_on": "scores", "selection_bias": True, "weight_from": "scores", "renorm": "always",
+    }
     return RouterSpec(**{**base, **options})  # type: ignore[arg-type]
 
 
-ROUTER = (Binding("gate.weight", ("router.weight",)),)
+GATE = (Binding("gate.weight", ("router.weight",)),)
 GATE_BIAS = (Binding("gate.e_score_correction_bias", ("router.selection_bias",)),)
+BLOCK_BIAS = (Binding("e_score_correction_bias", ("router.selection_bias",)),)
+"""MiniMax-M2 / HY-V3 keep the selection bias on the block and pass it to the router."""
+
+SWIGLU_LIMIT = 3.0
+"""Clamp limit of the clamped experts: a few of the tiny O(1) activations exceed it (so fp32 checks the
+clamp), yet few enough lie within bf16 rounding of it. NOTE: at limits inside the bulk (1.0-2.0) bf16
+gradients fail: the cases keep a margin from routing ties but not from the clamp (a pre-activation of
+1.2512 rounds to exactly 1.25 in bf16 and flips the clamp's gradient)."""
+
+STEP3P7_TEXT = dict(
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, share_expert_dim=S, n_routed_experts=E,
+    num_experts_per_tok=K, num_hidden_layers=1, head_dim=8, sliding_window=16, mlp_layer_types=["sparse"],
+    swiglu_limits=[SWIGLU_LIMIT], swiglu_limits_shared=None, moe_router_scaling_factor=2.0, **ATTENTION,
+)
+"""Step-3.7 text config: routed experts clamped after the activation (``swiglu_limits[layer]``), shared
+expert unclamped (no ``swiglu_limits_shared``), routed output × ``moe_router_scaling_factor``."""
+
+STEP3P7_SPEC = MoESpec(
+    E, K, H, I,
+    router=sigmoid_router(routed_scaling=2.0, scaling_site="output"),
+    experts=ExpertSpec(glu="clamped_after_act", gptoss_limit=SWIGLU_LIMIT),
+    shared=SharedSpec(S),
+)
+STEP3P7_PARAMS = GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts")
+
+DSV4_SWIGLU_LIMIT = 10.0
+"""DeepSeek-V4's default. NOTE: DeepseekV4MLP (the shared expert) clamps at swiglu_limit too, which the
+config documents as clipping the *routed* experts only and SharedSpec cannot express; 10 is never
+reached by the tiny activations, so both readings agree here (a low limit makes output, grad_input
+and grad_shared_experts differ, see the session report)."""
+
 
 ENTRIES: tuple[ArchEntry, ...] = (
     ArchEntry(
@@ -28,11 +73,257 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_class="MiniMaxM2SparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="MiniMaxM2ForCausalLM",
-        # Sigmoid + selection bias (a buffer on the *block*, passed to the router), renorm without eps.
+        # Renormalised without eps, no scaling; the aux loss applies softmax to the sigmoid router's logits.
         spec=MoESpec(E, K, H, I, router=sigmoid_router(), losses=SWITCH_AUX),
-        params=ROUTER + (Binding("e_score_correction_bias", ("router.selection_bias",)),) + FUSED_EXPERTS,
+        params=GATE + BLOCK_BIAS + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
+    ),
+    ArchEntry(
+        model_type="step3p7",
+        config_class="Step3p7Config",
+        config_kwargs=dict(
+            text_config=STEP3P7_TEXT,
+            vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14),
+        ),
+        modeling_module="transformers.models.step3p7.modeling_step3p7",
+        block_class="Step3p7SparseMoeBlock",
+        block_path="model.language_model.layers.0.mlp",
+        model_class="Step3p7ForConditionalGeneration",
+        block_config_attr="text_config",
+        spec=STEP3P7_SPEC,
+        params=STEP3P7_PARAMS,
+        router_path="gate",
+        experts_path="experts",
+        block_init="config_and_layer_idx",
+        experts_implementations=("eager",),
+    ),
+    ArchEntry(
+        model_type="step3p5",
+        config_class="Step3p7TextConfig",
+        config_kwargs=STEP3P7_TEXT,
+        modeling_module="transformers.models.step3p7.modeling_step3p7",
+        block_class="Step3p7SparseMoeBlock",
+        block_path="layers.0.mlp",
+        model_class="Step3p7TextModel",
+        spec=STEP3P7_SPEC,
+        params=STEP3P7_PARAMS,
+        router_path="gate",
+        experts_path="experts",
+        block_init="config_and_layer_idx",
+        experts_implementations=("eager",),
+    ),
+    ArchEntry(
+        model_type="hy_v3",
+        config_class="HYV3Config",
+        # Shared width = moe_intermediate_size × num_shared_experts (not separately configurable).
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+            num_shared_experts=1, router_scaling_factor=2.5, enable_moe_fp32_combine=True, mlp_bias=False,
+            mlp_layer_types=["sparse"], num_hidden_layers=1, head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.hy_v3.modeling_hy_v3",
+        block_class="HYV3MoE",
+        block_path="model.layers.0.mlp",
+        model_class="HYV3ForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm_eps=1e-20, routed_scaling=2.5), shared=SharedSpec(I)),
+        params=GATE + BLOCK_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="laguna",
+        config_class="LagunaConfig",
+        # Soft-capped logits (3·tanh(ℓ/3)); routed output × moe_routed_scaling_factor, then + shared.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, shared_expert_intermediate_size=S,
+            num_experts=E, num_experts_per_tok=K, moe_routed_scaling_factor=2.0, moe_router_logit_softcapping=3.0,
+            moe_apply_router_weight_on_input=False, mlp_layer_types=["sparse"], layer_types=["full_attention"],
+            num_hidden_layers=1, head_dim=8, sliding_window=16, router_aux_loss_coef=0.02,
+            output_router_logits=True, **ATTENTION,
+        ),
+        modeling_module="transformers.models.laguna.modeling_laguna",
+        block_class="LagunaSparseMoeBlock",
+        block_path="model.layers.0.mlp",
+        model_class="LagunaForCausalLM",
+        spec=MoESpec(
+            E, K, H, I,
+            router=sigmoid_router(logit_softcap=3.0, routed_scaling=2.0, scaling_site="output"),
+            shared=SharedSpec(S),
+            losses=SWITCH_AUX,
+        ),
+        params=GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        router_path="gate",
+        experts_path="experts",
+        aux_coef_attr="router_aux_loss_coef",
+    ),
+    ArchEntry(
+        model_type="afmoe",
+        config_class="AfmoeConfig",
+        # Selection bias = the block's frozen ``expert_bias`` Parameter; weights × route_scale.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+            num_shared_experts=1, num_dense_layers=0, route_scale=2.0, mup_enabled=False, num_hidden_layers=1,
+            head_dim=8, sliding_window=16, global_attn_every_n_layers=1, **ATTENTION,
+        ),
+        modeling_module="transformers.models.afmoe.modeling_afmoe",
+        block_class="AfmoeSparseMoeBlock",
+        block_path="model.layers.0.mlp",
+        model_class="AfmoeForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm_eps=1e-20, routed_scaling=2.0), shared=SharedSpec(I)),
+        params=(
+            Binding("router.gate.weight", ("router.weight",)),
+            Binding("expert_bias", ("router.selection_bias",)),
+        ) + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        router_path="router",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="lfm2_moe",
+        config_class="Lfm2MoeConfig",
+        # Layer 0 is dense (num_dense_layers=1), layer 1 is the MoE layer.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+            num_dense_layers=1, use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5,
+            num_hidden_layers=2, layer_types=["full_attention", "conv"], **ATTENTION,
+        ),
+        modeling_module="transformers.models.lfm2_moe.modeling_lfm2_moe",
+        block_class="Lfm2MoeSparseMoeBlock",
+        block_path="model.layers.1.feed_forward",
+        model_class="Lfm2MoeForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm_eps=1e-6, routed_scaling=1.5)),
+        params=GATE + (Binding("expert_bias", ("router.selection_bias",)),) + FUSED_EXPERTS,
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="deepseek_v4",
+        config_class="DeepseekV4Config",
+        # One non-hash ("moe") layer: hash layers route by tid2eid[input_ids] and need input_ids.
+        # n_shared_experts / norm_topk_prob / router_jitter_noise are set to the values the code hard-wires.
+        config_kwargs=dict(
+            hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=1,
+            scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5, swiglu_limit=DSV4_SWIGLU_LIMIT,
+            router_jitter_noise=0.0, mlp_layer_types=["moe"], layer_types=["sliding_attention"], num_hidden_layers=1,
+            head_dim=16, q_lora_rank=16, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=8, index_topk=4,
+            sliding_window=8, hc_mult=2, num_nextn_predict_layers=0, router_aux_loss_coef=0.02,
+            output_router_logits=True, num_attention_heads=4, num_key_value_heads=1, vocab_size=128,
+            max_position_embeddings=64,
+        ),
+        modeling_module="transformers.models.deepseek_v4.modeling_deepseek_v4",
+        block_class="DeepseekV4SparseMoeBlock",
+        block_path="model.layers.0.mlp",
+        model_class="DeepseekV4ForCausalLM",
+        spec=MoESpec(
+            E, K, H, I,
+            router=RouterSpec(
+                scoring="sqrtsoftplus", select_on="scores", selection_bias=True, weight_from="scores",
+                renorm="always", renorm_eps=1e-20, routed_scaling=1.5,
+            ),
+            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=DSV4_SWIGLU_LIMIT),
+            shared=SharedSpec(I),
+            losses=SWITCH_AUX,
+        ),
+        params=GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        router_path="gate",
+        experts_path="experts",
+        block_init="config_and_layer_idx",
+        aux_coef_attr="router_aux_loss_coef",
+    ),
+    ArchEntry(
+        model_type="flint",
+        config_class="FlintConfig",
+        # No selection bias: top-k of sigmoid(ℓ) directly, fp32 router.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, shared_expert_intermediate_size=S,
+            num_experts=E, num_experts_per_tok=K, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            num_hidden_layers=1, head_dim=8, sliding_window=16, router_aux_loss_coef=0.02, output_router_logits=True,
+            **ATTENTION,
+        ),
+        modeling_module="transformers.models.flint.modeling_flint",
+        block_class="FlintSparseMoeBlock",
+        block_path="model.layers.0.mlp",
+        model_class="FlintForCausalLM",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(selection_bias=False), shared=SharedSpec(S), losses=SWITCH_AUX),
+        params=GATE + FUSED_EXPERTS + shared_mlp("shared_expert"),
+        router_path="gate",
+        experts_path="experts",
+        aux_coef_attr="router_aux_loss_coef",
+    ),
+    ArchEntry(
+        model_type="kolibri1",
+        config_class="Kolibri1Config",
+        # Selection on logits + bias; weights = sigmoid of the selected logits, renormalised.
+        config_kwargs=dict(
+            hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=S, num_local_experts=E,
+            num_experts_per_tok=K, norm_topk_prob=True, num_hidden_layers=1, head_dim=8, sliding_window=16,
+            **ATTENTION,
+        ),
+        modeling_module="transformers.models.kolibri1.modeling_kolibri1",
+        block_class="Kolibri1SparseMoeBlock",
+        block_path="model.layers.0.mlp",
+        model_class="Kolibri1ForCausalLM",
+        spec=MoESpec(
+            E, K, H, I,
+            router=sigmoid_router(select_on="logits", weight_from="sigmoid_of_selected_logits"),
+            shared=SharedSpec(S),
+        ),
+        params=GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        router_path="gate",
+        experts_path="experts",
+    ),
+    ArchEntry(
+        model_type="ernie4_5_moe",
+        config_class="Ernie4_5_MoeConfig",
+        # Softmax + selection bias, weights p[i] / max(Σ, moe_norm_min); shared width = moe_I × n_shared.
+        config_kwargs=dict(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, moe_num_experts=E, moe_k=K,
+            moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_end_index=-1, moe_layer_interval=1,
+            moe_norm_min=1e-12, use_bias=False, num_hidden_layers=1, router_aux_loss_coef=0.02,
+            output_router_logits=True, **ATTENTION,
+        ),
+        modeling_module="transformers.models.ernie4_5_moe.modeling_ernie4_5_moe",
+        block_class="Ernie4_5_MoeSparseMoeBlock",
+        block_path="model.layers.0.mlp",
+        model_class="Ernie4_5_MoeForCausalLM",
+        spec=MoESpec(
+            E, K, H, I,
+            router=RouterSpec(
+                scoring="softmax", selection_bias=True, renorm="always", renorm_eps=1e-12, renorm_clamp=True
+            ),
+            shared=SharedSpec(I),
+            losses=SWITCH_AUX,
+        ),
+        params=GATE + (
+            # moe_statics keeps the bias as a frozen [1, E] Parameter: "flat_experts" is the [E] ↔ [1, E] reshape.
+            Binding("gate.moe_statics.e_score_correction_bias", ("router.selection_bias",), "flat_experts"),
+        ) + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        router_path="gate",
+        experts_path="experts",
+        aux_coef_attr="router_aux_loss_coef",
+    ),
+    ArchEntry(
+        model_type="longcat_flash",
+        config_class="LongcatFlashConfig",
+        # zero_expert_num=0: with Z > 0 gate_up_proj has E+Z rows, Z of them dead, that no layout can bind.
+        config_kwargs=dict(
+            hidden_size=H, ffn_hidden_size=48, expert_ffn_hidden_size=I, n_routed_experts=E, moe_topk=K,
+            zero_expert_num=0, routed_scaling_factor=2.0, num_layers=1, q_lora_rank=16, kv_lora_rank=16,
+            qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, **ATTENTION,
+        ),
+        modeling_module="transformers.models.longcat_flash.modeling_longcat_flash",
+        block_class="LongcatFlashMoE",
+        block_path="model.layers.0.mlp",
+        model_class="LongcatFlashForCausalLM",
+        # Softmax + selection bias, no renormalisation, weights × routed_scaling_factor.
+        spec=MoESpec(E, K, H, I, router=RouterSpec(scoring="softmax", selection_bias=True, routed_scaling=2.0)),
+        params=(
+            Binding("router.classifier.weight", ("router.weight",)),
+            Binding("router.e_score_correction_bias", ("router.selection_bias",)),
+        ) + FUSED_EXPERTS,
+        router_path="router",
+        experts_path="experts",
+        experts_implementations=("eager",),
     ),
 )

@@ -1,0 +1,195 @@
+"""What each rank runs: build the registry block, wrap it with ZeRO-2/3 or FSDP2, run the cases and the
+adversarial steps, and return what it saw (outputs, routing, full gathered gradients and parameters).
+
+Runs inside ``moeconf.distributed.run_ranks`` (``torch.distributed`` already initialised, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeconf.backends.hf_block import build_block, load_params, recording, to_canonical, trained_tensors
+from moeconf.params import Params
+from moeconf.registry.entry import ArchEntry
+
+Strategy = Literal["zero2", "zero3", "fsdp2"]
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    params: Params
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    grad_output: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepsInput:
+    params: Params
+    batches: tuple[tuple[torch.Tensor, ...], ...]
+    grad_outputs: tuple[tuple[torch.Tensor, ...], ...]
+    lr: float
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """Everything a rank needs (picklable: the entry is data)."""
+
+    entry: ArchEntry
+    strategy: Strategy
+    leaf: bool
+    dense: bool
+    dtype: torch.dtype
+    cases: tuple[CaseInput, ...]
+    steps: StepsInput | None
+
+
+class Wrapper(nn.Module):
+    """The block as a child, as in a model: ZeRO-3 leaves and FSDP units are submodules."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.block(hidden)
+        return (out[0] if isinstance(out, tuple) else out).reshape(hidden.shape)
+
+
+@dataclass
+class Engine:
+    model: nn.Module
+    block: nn.Module
+    step: Any
+    backward: Any
+    zero_grad: Any
+    full_grad: Any
+    full_param: Any
+
+
+def _block(job: RankJob, params: Params) -> nn.Module:
+    block = build_block(job.entry, "eager" if "eager" in job.entry.experts_implementations else None)
+    load_params(job.entry, block, params)
+    if job.dense:
+        from moeconf.partition.dense import apply_dense_patch
+
+        apply_dense_patch(block, job.entry)
+    return block.to(job.dtype).train(job.entry.train_mode)
+
+
+def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, set_z3_leaf_modules
+
+    model = Wrapper(block)
+    if job.leaf:
+        set_z3_leaf_modules(model, [type(block)])
+    stage = 3 if job.strategy == "zero3" else 2
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": stage},
+        # NOTE: explicit, because DeepSpeed 0.19 clipped the global grad norm to 1.0 without it here,
+        # which made plain SGD steps disagree with the reference by the grad norm (~57x).
+        "gradient_clipping": 0.0,
+        "bf16": {"enabled": job.dtype == torch.bfloat16},
+    }
+    if stage == 3:
+        # NOTE: partition every parameter, however small: the tiny block would otherwise stay whole
+        # ("persistent") on every rank and the fetch-order hang could not happen.
+        config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0,
+                                           stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return Engine(engine, block, engine.step, engine.backward, lambda: None, safe_get_full_grad, safe_get_full_fp32_param)
+
+
+def _fsdp2_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = Wrapper(block)
+    fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def full(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+    return Engine(model, block, optimizer.step, lambda loss: loss.backward(), lambda: optimizer.zero_grad(set_to_none=True),
+                  lambda p: full(p.grad), lambda p: full(p.detach()))
+
+
+def _engine(job: RankJob, params: Params, lr: float) -> Engine:
+    block = _block(job, params)
+    return _fsdp2_engine(job, block, lr) if job.strategy == "fsdp2" else _deepspeed_engine(job, block, lr)
+
+
+def _gathered(job: RankJob, engine: Engine, get: Any) -> tuple[dict[str, torch.Tensor | None], tuple[str, ...]]:
+    tensors = {path: get(p) for path, p in trained_tensors(job.entry, engine.block).items()}
+    return to_canonical(job.entry, {k: (v.detach().cpu().float() if v is not None else None) for k, v in tensors.items()})
+
+
+def _forward_backward(job: RankJob, engine: Engine, hidden: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    x = hidden.to(job.dtype).requires_grad_(True)  # NOTE: a ZeRO-3 leaf needs an input that requires grad
+    with recording(job.entry, engine.block) as rec:
+        out = engine.model(x)
+    engine.backward((out.float() * grad_output.float()).sum())
+    return out.detach(), x.grad, rec
+
+
+def run_case(job: RankJob, case: CaseInput) -> dict[str, Any]:
+    """One replicated batch (every rank sees the same tokens): output, routing, full grads."""
+    engine = _engine(job, case.params, lr=0.0)
+    out, grad_input, rec = _forward_backward(job, engine, case.hidden, case.grad_output)
+    index, weights = rec.routing(job.entry)
+    logits = rec.router_logits(job.entry)
+    grads, missing = _gathered(job, engine, engine.full_grad)
+    grads["input"] = grad_input
+    return {"output": out, "topk_index": index, "topk_weights": None if weights is None else weights.detach(),
+            "router_logits": None if logits is None else logits.detach(), "grads": grads, "missing_grads": missing}
+
+
+def run_steps(job: RankJob, steps: StepsInput) -> dict[str, Any]:
+    """The adversarial steps: this rank's batch per step, gathered full grads and params after each step."""
+    rank = dist.get_rank()
+    engine = _engine(job, steps.params, lr=steps.lr)
+    outputs, grads, missing, params_after = [], [], [], []
+    for batch, grad_output in zip(steps.batches, steps.grad_outputs):
+        out, _, _ = _forward_backward(job, engine, batch[rank], grad_output[rank])
+        step_grads, step_missing = _gathered(job, engine, engine.full_grad)
+        engine.step()
+        engine.zero_grad()
+        outputs.append(out)
+        grads.append(step_grads)
+        missing.append(step_missing)
+        params_after.append(_gathered(job, engine, engine.full_param)[0])
+    return {"outputs": outputs, "grads": grads, "missing_grads": missing, "params_after": params_after}
+
+
+def run_job(job: RankJob) -> dict[str, Any]:
+    """The rank function given to ``run_ranks``."""
+    torch.manual_seed(0)
+    with _quiet():
+        cases = [run_case(job, case) for case in job.cases]
+        steps = run_steps(job, job.steps) if job.steps is not None else None
+    return {"rank": dist.get_rank(), "cases": cases, "steps": steps}
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    yield
