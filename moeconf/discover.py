@@ -165,17 +165,19 @@ SHARED_NAME = re.compile(r"shared", re.I)
 
 def _is_experts(name: str, module: nn.Module) -> bool:
     cls = type(module).__name__
-    if SHARED_NAME.search(name) or SHARED_NAME.search(cls):
+    if SHARED_NAME.search(name):  # the attribute name only: class names carry the model's ("GraniteMoeShared...")
         return False
     if "Expert" in cls:
         return True
-    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+    # Unnamed experts containers: 3-D projection weights (not a Conv1d's [C, 1, K]).
+    return any(p.dim() == 3 and re.search(r"proj|linear", n) for n, p in module.named_parameters(recurse=False))
 
 
 def _is_router(name: str, module: nn.Module) -> bool:
-    if SHARED_NAME.search(name):
+    if SHARED_NAME.search(name) or "norm" in type(module).__name__.lower():
         return False
-    return bool(ROUTER_NAME.search(name) or ROUTER_NAME.search(type(module).__name__))
+    named = ROUTER_NAME.search(name) or ROUTER_NAME.search(type(module).__name__)
+    return bool(named) and any(p.dim() == 2 for p in module.parameters())
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -202,6 +204,23 @@ def _model_class_names(model_type: str) -> list[str]:
             if name and name not in names:
                 names.append(name)
     return names
+
+
+def _models_of_config(model_type: str, config_cls: type) -> list[str]:
+    """Exported model classes built from ``config_cls`` (types with no auto model class, e.g.
+    ``qwen3_omni_moe_text``), causal LMs first."""
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    folder = model_type_to_module_name(model_type)
+    try:
+        module = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    except ImportError:
+        return []
+    names = [name for name, obj in vars(module).items()
+             if isinstance(obj, type) and getattr(obj, "config_class", None) is config_cls and "PreTrained" not in name
+             and getattr(transformers, name, None) is obj]
+    return sorted(names, key=lambda n: (not n.endswith("ForCausalLM"), not n.endswith("Model"), n))
 
 
 @dataclass(frozen=True)
@@ -252,7 +271,7 @@ def locate(model_type: str, config_kwargs: Mapping[str, Any] | None = None) -> t
 
 def _site_in_model(model_type: str, config_cls: type, config: Any, kwargs: dict[str, Any], log: list[str],
                    transformers: Any) -> Site | None:
-    for model_name in _model_class_names(model_type):
+    for model_name in _model_class_names(model_type) + _models_of_config(model_type, config_cls):
         model_cls = getattr(transformers, model_name, None)
         if model_cls is None:
             continue
@@ -379,7 +398,7 @@ def read_block(site: Site) -> tuple[nn.Module, BlockFacts, Any]:
     if router_path is None or experts_path is None:
         raise EntryError(f"{site.block_class}: no router/experts child")
     router = block.get_submodule(router_path)
-    router_2d = [(f"{router_path}.{n}", p) for n, p in router.named_parameters() if p.dim() == 2]
+    router_2d = [(f"{router_path}.{n}", p) for n, p in router.named_parameters() if p.dim() == 2 and "bias" not in n]
     if len(router_2d) != 1:
         raise EntryError(f"{site.block_class}: router {router_path} has {len(router_2d)} 2-D weights (expected 1)")
     router_weight, weight = router_2d[0]
@@ -699,7 +718,7 @@ def router_candidates(facts: BlockFacts, config: Any) -> list[RouterCandidate]:
     base = dict(logit_bias=facts.router_bias is not None, selection_bias=biased)
     softcap = next((float(getattr(config, n)) for n in config_fields(type(config))
                     if "softcap" in n and "router" in n and isinstance(getattr(config, n, None), (int, float))), None)
-    if softcap is not None:
+    if softcap:  # 0 / None: no soft-capping
         base["logit_softcap"] = softcap
     families: list[tuple[str, dict[str, Any]]] = []
     for scoring in ("softmax", "sigmoid", "sqrtsoftplus"):
@@ -750,7 +769,7 @@ def source_affinity(candidate: RouterCandidate, glu: str, facts: BlockFacts) -> 
     r = candidate.spec
     score += 1 if (r.select_on == "logits") == logit_topk else 0
     if r.group_limit is not None:
-        zero_fill = bool(re.search(r"masked_fill\([^)]*,\s*0(\.0)?\s*\)", src))
+        zero_fill = bool(re.search(r"masked_fill\(.*,\s*0(\.0)?\s*\)\s*$", src, re.M))
         score += 1 if (r.group_limit.fill == "zero") == zero_fill else 0
     if glu in ("clamped_swiglu", "clamped_after_act", "gptoss_clamped"):
         exp_src = facts.experts_source

@@ -108,6 +108,10 @@ def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
         # ("persistent") on every rank and the fetch-order hang could not happen.
         config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0,
                                            stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
+        if not job.leaf:
+            # NOTE: DeepSpeed >= 0.18 makes the Mixtral/Qwen2-MoE/Qwen3-MoE blocks leaves by default
+            # (zero_optimization.leaf_module); the no-leaf control must switch that off explicitly.
+            config["zero_optimization"]["leaf_module"] = {"classes": [], "names": [], "name_suffixes": []}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return Engine(engine, block, engine.step, engine.backward, lambda: None, safe_get_full_grad, safe_get_full_fp32_param)

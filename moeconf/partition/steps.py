@@ -63,10 +63,17 @@ class StepsReference:
     """``[step]`` experts that no rank routed to: their grads must be exact zeros."""
 
 
-def expert_subsets(num_experts: int, world_size: int, step: int) -> list[set[int]]:
-    """Disjoint per-rank expert subsets, one expert of each rank's share left idle, rotating by step."""
+def expert_subsets(num_experts: int, world_size: int, step: int, top_k: int = 2) -> list[set[int]]:
+    """Disjoint per-rank expert subsets that rotate by step, leave experts idle everywhere, and have
+    *different sizes* per rank.
+
+    NOTE: unequal sizes matter: ranks that call the same number of experts issue the same number of
+    ZeRO-3 parameter all-gathers and stay in step by luck; the hang of DeepSpeed #4808 needs ranks
+    whose experts differ in number, as real routing does.
+    """
     share = num_experts // world_size
-    return [{(r * share + 2 * step + j) % num_experts for j in range(max(share - 1, 1))} for r in range(world_size)]
+    sizes = [max(share - 1 - r, top_k) for r in range(world_size)]
+    return [{(r * share + 2 * step + j) % num_experts for j in range(sizes[r])} for r in range(world_size)]
 
 
 def _pick_tokens(spec: MoESpec, params: Params, allowed: set[int], count: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -102,7 +109,7 @@ def make_steps(entry: ArchEntry, dtype: torch.dtype, device: str, seed: int = 0,
     initial = {k: v.clone() for k, v in params.items()}
     batches, cotangents, ref_out, ref_grads, ref_params, idle = [], [], [], [], [], []
     for step in range(steps):
-        subsets = expert_subsets(spec.num_experts, world_size, step)
+        subsets = expert_subsets(spec.num_experts, world_size, step, spec.top_k)
         xs = tuple(_pick_tokens(spec, params, subsets[r], tokens_per_rank, dtype, gen).reshape(1, tokens_per_rank, spec.hidden)
                    for r in range(world_size))
         gs = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64) for x in xs)

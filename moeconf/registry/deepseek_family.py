@@ -1,18 +1,25 @@
 """Registry entries: deepseek family (data, not code; see core.py for the shared tiny sizes and helpers).
 
-DeepSeek-V3-style sigmoid routers (selection bias, group-limited top-k, renormalisation flag, routed
+DeepSeek-V3-style sigmoid routers (selection-only bias, group-limited top-k, renormalisation flag, routed
 scaling) and the DeepSeek-V2 / Mistral-4 softmax + group-limited routers. Each entry sets the router
-flags explicitly and varies them across entries (renorm on/off, scaling, group fill) so that every path
-of the shared router code is exercised somewhere.
+flags explicitly, and the entries vary them (renorm on/off, scaling in the weights or on the output,
+group score top-2-sum/max, masked groups -inf/0.0, greedy) so that every path of the shared router
+code is exercised somewhere.
 
-Left out (the spec cannot express them; see the report in the session notes):
-``nemotron_h`` (non-gated relu² *shared* expert), ``glm5_next`` / ``glm5_next_text`` (clamped-SwiGLU
-*shared* expert).
+Not registered, because the spec cannot express their shared expert (``SharedSpec`` is always
+``down(act(gate(x)) · up(x))``):
+
+- ``nemotron_h``: ``NemotronHMLP`` is non-gated, ``down(relu2(up(x)))`` (and always present:
+  ``moe_shared_expert_intermediate_size or intermediate_size``).
+- ``glm5_next``, ``glm5_next_text``: ``Glm5NextTextMLP`` clamps like the routed experts,
+  ``down(act(min(gate(x), L)) · clamp(up(x), ±L))`` with ``L = swiglu_limit``.
 """
 
 from __future__ import annotations
 
-from moeconf.registry.core import ATTENTION, E, FUSED_EXPERTS, H, I, K, S, SWITCH_AUX, shared_mlp
+from typing import Literal
+
+from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
 from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.spec import ExpertSpec, GroupLimit, MoESpec, RouterSpec, SharedSpec
 
@@ -25,28 +32,37 @@ MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim
 DSA = dict(index_topk=4, index_head_dim=8, index_n_heads=2)
 """Tiny DeepSeek sparse-attention indexer."""
 
-BIASED_GATE = (
-    Binding("gate.weight", ("router.weight",)),
-    Binding("gate.e_score_correction_bias", ("router.selection_bias",)),
-)
-"""DeepSeek-V3 router: weight plus the float32 selection-only bias buffer."""
-
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 """Special tokens inside the tiny vocabulary (several defaults point past it)."""
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 """Plain RoPE where the default is YaRN with factors meant for long contexts."""
 
+CLAMP = 3.0
+"""``swiglu_limit`` of the clamped experts (HY-V4): N(0, 1) pre-activations exceed it a few times per
+case, so the clamps really bite. NOTE: the cases keep routing margins but not clamp margins; a much
+smaller limit puts bf16 values on the wrong side of ±L and fails bf16 gradients for lack of margin."""
+
 GATE = (Binding("gate.weight", ("router.weight",)),)
+BIASED_GATE = GATE + (Binding("gate.e_score_correction_bias", ("router.selection_bias",)),)
+"""DeepSeek-V3 router: weight plus the float32 selection-only bias buffer."""
+
+DSV3_BLOCK = BIASED_GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
+"""DeepSeek-V3-style block: biased router, fused experts, gate/up/down ``shared_experts``."""
+
+DSV2_BLOCK = GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
+"""DeepSeek-V2 / Mistral-4 block: router without bias, fused experts, ``shared_experts``."""
 
 
-def sigmoid_router(norm: bool, scaling: float, group: GroupLimit | None = GROUPS, site: str = "weights") -> RouterSpec:
+def sigmoid_router(
+    norm: bool, scaling: float, group: GroupLimit | None = GROUPS, site: Literal["weights", "output"] = "weights"
+) -> RouterSpec:
     """R3 DeepSeek-V3: sigmoid scores, selection on scores + bias (group-limited), weights = unbiased
     scores, renormalised ``/ (Σ + 1e-20)`` iff ``norm``, times ``scaling`` (in the weights or on the output)."""
     return RouterSpec(
         scoring="sigmoid", select_on="scores", selection_bias=True, weight_from="scores",
         renorm="always" if norm else "never", renorm_eps=1e-20, group_limit=group, routed_scaling=scaling,
-        scaling_site=site,  # type: ignore[arg-type]
+        scaling_site=site,
     )
 
 
@@ -59,13 +75,6 @@ def softmax_group_router(norm: bool, scaling: float, group: GroupLimit | None) -
     )
 
 
-DSV3_BLOCK = BIASED_GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
-"""DeepSeek-V3-style block: biased router, fused experts, gate/up/down ``shared_experts``."""
-
-DSV2_BLOCK = GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
-"""DeepSeek-V2 / Mistral-4 block: router without bias, fused experts, ``shared_experts``."""
-
-
 GLM4V_TEXT = dict(
     hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
     n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, hidden_act="silu",
@@ -73,14 +82,15 @@ GLM4V_TEXT = dict(
     **ATTENTION,
 )
 DOTS3_TEXT = dict(
-    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, shared_experts_intermediate_size=S, n_shared_experts=1,
-    n_routed_experts=E, num_experts_per_tok=K, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0,
-    hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **DSA, **TOKENS, **ATTENTION,
+    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+    shared_experts_intermediate_size=S, n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True,
+    routed_scaling_factor=2.0, hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1,
+    **MLA, **DSA, **TOKENS, **ATTENTION,
 )
 HYV4VL_TEXT = dict(
     hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
     n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.827, hidden_act="silu",
-    swiglu_limit=3.0, mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **DSA, **TOKENS, **ATTENTION,
+    swiglu_limit=CLAMP, mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **DSA, **TOKENS, **ATTENTION,
     rope_parameters={**ROPE, "mrope_section": [2, 1, 1]},  # sums to qk_rope_head_dim // 2
 )
 OCR2_TEXT = dict(
@@ -107,8 +117,9 @@ SAM_VISION = dict(
 """Tiny SAM tower of the DeepSeek-OCR-2 / Unlimited-OCR vision encoder."""
 
 DSV2_NORM_IGNORED = (
-    "upstream: DeepseekV2TopkRouter.forward (transformers/models/deepseek_v2/modeling_deepseek_v2.py) ignores "
-    "config.norm_topk_prob and never renormalises the top-k weights"
+    "upstream: DeepseekV2TopkRouter (transformers/models/deepseek_v2/modeling_deepseek_v2.py) never reads the "
+    "documented config.norm_topk_prob (modular_deepseek_v2.py: `del self.norm_topk_prob`), so the top-k weights "
+    "are never renormalised"
 )
 
 ENTRIES: tuple[ArchEntry, ...] = (
@@ -315,11 +326,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
     ArchEntry(
         model_type="hy_v4",
         config_class="HYV4Config",
-        # swiglu_limit=3.0: the clamps of act(min(gate, L))·clamp(up, ±L) bite on a few values per case.
+        # Routed experts: act(min(gate, L))·clamp(up, ±L), act = silu hard-coded in HYV4Experts._apply_gate.
         config_kwargs=dict(
             hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
             n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.827,
-            hidden_act="silu", swiglu_limit=3.0, mlp_layer_types=["sparse"], num_hidden_layers=1,
+            hidden_act="silu", swiglu_limit=CLAMP, mlp_layer_types=["sparse"], num_hidden_layers=1,
             **MLA, **DSA, **TOKENS, **ATTENTION,
         ),
         modeling_module="transformers.models.hy_v4.modeling_hy_v4",
@@ -328,7 +339,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_class="HYV4ForCausalLM",
         spec=MoESpec(
             E, K, H, I, router=sigmoid_router(True, 2.827),
-            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=3.0), shared=SharedSpec(I),
+            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP), shared=SharedSpec(I),
         ),
         params=DSV3_BLOCK,
         router_path="gate",
@@ -543,7 +554,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_config_attr="text_config",
         spec=MoESpec(
             E, K, H, I, router=sigmoid_router(True, 2.827),
-            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=3.0), shared=SharedSpec(I),
+            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP), shared=SharedSpec(I),
         ),
         params=DSV3_BLOCK,
         router_path="gate",
@@ -559,7 +570,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_class="HYV4VLTextModel",
         spec=MoESpec(
             E, K, H, I, router=sigmoid_router(True, 2.827),
-            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=3.0), shared=SharedSpec(I),
+            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP), shared=SharedSpec(I),
         ),
         params=DSV3_BLOCK,
         router_path="gate",
