@@ -85,3 +85,25 @@ def npu(session: nox.Session) -> None:
     _pytest(session, "moeconf/suites", env={
         "MOECONF_DEVICE": "npu", "MOECONF_DTYPES": "fp32,bf16", "MOECONF_BACKENDS": "hf-eager,npu-gmm",
     })
+
+
+PARTITION_TRANSFORMERS = {"5": "transformers>=5.24,<6", "4.57": "transformers>=4.57,<4.58"}
+
+
+@nox.session(venv_params=["--system-site-packages"])
+@nox.parametrize("transformers", list(PARTITION_TRANSFORMERS))
+def partition(session: nox.Session, transformers: str) -> None:
+    """Multi-rank suite (DeepSpeed ZeRO-2/3, FSDP2, gloo) under transformers 5.x and 4.57.x.
+
+    A virtualenv per transformers version that still sees the machine's torch (system site packages).
+    """
+    import torch
+
+    session.install(f"torch=={torch.__version__.split('+')[0]}", PARTITION_TRANSFORMERS[transformers], "deepspeed>=0.16,<0.20")
+    session.install("--no-deps", "-e", ".")
+    # Build DeepSpeed's CPU comm op once, up front, with progress and a stale-lock check.
+    session.run("python", "-c", "from moeconf.distributed.deepspeed_env import ensure_deepspeed_cpu_ops as b; b()",
+                env={"DS_ACCELERATOR": "cpu"})
+    workers = os.environ.get("MOECONF_WORKERS", "2")
+    session.run("python", "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", "tests/partition", *session.posargs,
+                success_codes=[0, NO_TESTS])

@@ -24,10 +24,10 @@ from pathlib import Path
 DECORATOR = "@use_experts_implementation"
 """transformers' experts-implementation decorator: only ever put on a routed-experts module."""
 
-LOSS_FUNCTION = re.compile(r"^def (load_balancing_loss_func|router_z_loss_func)\b", re.M)
+LOSS_FUNCTION = re.compile(r"^def (load_balancing_loss_func|router_z_loss_func)\b", re.MULTILINE)
 """A Switch/GShard load-balancing (or router z-) loss defined in the module."""
 
-CLASS = re.compile(r"^class (\w+)\(", re.M)
+CLASS = re.compile(r"^class (\w+)\(", re.MULTILINE)
 
 CLASS_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Checked in this order: ``VitPoseNaiveMoe`` is an experts container, not a block.
@@ -51,7 +51,7 @@ KNOWN_FALSE_POSITIVES: dict[str, str] = {
 (shared/notes/transformers-moe-landscape.md §1). Applied after the evidence rule, as a safety net
 should a future version add more MoE-looking names to them."""
 
-EXPERT_FIELD = re.compile(r"expert", re.I)
+EXPERT_FIELD = re.compile(r"expert", re.IGNORECASE)
 """Config fields that make a (sub-)config an MoE config: ``num_experts``, ``n_routed_experts``,
 ``num_experts_per_tok``, ``moe_num_experts``, ``top_k_experts`` ..."""
 

@@ -36,15 +36,15 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from moeconf.backends.hf_block import EntryError, build_block, load_params, recording
+from moeconf.backends.hf_block import EntryError, block_config, build_block, build_config, load_params, recording
 from moeconf.cases import MIN_MARGIN, draw_params
 from moeconf.checks import TOLERANCES, compare
-from moeconf.params import Params, param_shapes, round_through
+from moeconf.params import Params, round_through
 from moeconf.reference import reference_forward, route
 from moeconf.registry.entry import ArchEntry, Binding
 from moeconf.spec import ExpertSpec, GroupLimit, LossSpec, MoESpec, RouterSpec, SharedSpec
@@ -159,8 +159,8 @@ def _keys(kwargs: Mapping[str, Any]) -> set[str]:
 
 # --- 2. locate the block ----------------------------------------------------------------------------
 
-ROUTER_NAME = re.compile(r"router|gate|gating", re.I)
-SHARED_NAME = re.compile(r"shared", re.I)
+ROUTER_NAME = re.compile(r"router|gate|gating", re.IGNORECASE)
+SHARED_NAME = re.compile(r"shared", re.IGNORECASE)
 
 
 def _is_experts(name: str, module: nn.Module) -> bool:
@@ -185,9 +185,9 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     blocks = []
     for path, module in model.named_modules():
         children = list(module.named_children())
-        if any(_is_experts(n, c) for n, c in children) and any(_is_router(n, c) for n, c in children):
-            if not re.search(r"attn|attention", path, re.I):
-                blocks.append((path, module))
+        has_parts = any(_is_experts(n, c) for n, c in children) and any(_is_router(n, c) for n, c in children)
+        if has_parts and not re.search(r"attn|attention", path, re.IGNORECASE):
+            blocks.append((path, module))
     return blocks
 
 
@@ -237,10 +237,6 @@ class Site:
     block_init: str
 
 
-def _build_config(config_cls: type, kwargs: Mapping[str, Any]) -> Any:
-    return config_cls(**kwargs)
-
-
 def locate(model_type: str, config_kwargs: Mapping[str, Any] | None = None) -> tuple[Site, list[str]]:
     """Build a tiny config and a meta-device model; find the first MoE block. Returns the site and a
     log of the attempts (for the explanation when nothing works)."""
@@ -255,7 +251,7 @@ def locate(model_type: str, config_kwargs: Mapping[str, Any] | None = None) -> t
     for kwargs in attempts:
         for _retry in range(6):
             try:
-                config = _build_config(config_cls, kwargs)
+                config = config_cls(**kwargs)
             except Exception as exc:  # drop a keyword the error names, then retry
                 log.append(f"config {config_cls.__name__}: {type(exc).__name__}: {_short(exc)}")
                 offending = [k for k in _keys(kwargs) if re.search(rf"\b{re.escape(k)}\b", str(exc))]
@@ -302,7 +298,7 @@ def _site_in_model(model_type: str, config_cls: type, config: Any, kwargs: dict[
 
 def _block_config(block_cls: type, config: Any, shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str] | None:
     """Which (sub-)config builds the block with the model's parameter shapes, and its constructor form."""
-    needs_layer = "layer_idx" in inspect.signature(block_cls.__init__).parameters
+    needs_layer = "layer_idx" in inspect.signature(block_cls).parameters
     init = "config_and_layer_idx" if needs_layer else "config"
     candidates: list[tuple[str | None, Any]] = [(None, config)]
     candidates += [(key, getattr(config, key, None)) for key in (getattr(type(config), "sub_configs", None) or {})]
@@ -312,7 +308,7 @@ def _block_config(block_cls: type, config: Any, shapes: dict[str, tuple[int, ...
         try:
             with torch.device("meta"):
                 block = block_cls(sub, layer_idx=0) if needs_layer else block_cls(sub)
-        except Exception:
+        except Exception:  # noqa: S112 — this (sub-)config does not build the block: try the next
             continue
         if {n: tuple(p.shape) for n, p in block.named_parameters()} == shapes:
             return attr, init
@@ -390,8 +386,6 @@ def read_block(site: Site) -> tuple[nn.Module, BlockFacts, Any]:
     """Build the real block and read its structure; one forward tells the router output layout."""
     probe = _probe_entry(site)
     block = build_block(probe, "eager")
-    from moeconf.backends.hf_block import block_config, build_config
-
     config = block_config(probe, build_config(probe))
     router_path = _child_path(block, _is_router)
     experts_path = _child_path(block, _is_experts)
@@ -511,8 +505,7 @@ ROLE_PATTERNS = (
 
 def _role(name: str) -> str | None:
     leaf = name.rsplit(".", 1)[-1] if not name.endswith("weight") else name.rsplit(".", 2)[-2]
-    if leaf.endswith("_bias"):
-        leaf = leaf[: -len("_bias")]
+    leaf = leaf.removesuffix("_bias")
     return next((role for role, pattern in ROLE_PATTERNS if pattern.search(leaf)), None)
 
 
@@ -536,6 +529,8 @@ def expert_forms(block: nn.Module, facts: BlockFacts) -> tuple[list[Form], int, 
     if inter is None:
         return [], 0, f"down projection {down_name} {tuple(down.shape)} does not fit E={E}, H={H}"
     down_layout = _layout_of(down, E, H, inter, "down")
+    if down_layout is None:
+        return [], 0, f"down projection {down_name} {tuple(down.shape)} does not fit"
     bindings = [Binding(down_name, ("experts.w_down",), down_layout)]
     forms: list[tuple[str, list[Binding], str]] = []  # (label, bindings, gated?)
     if "gate_up" in roles:
@@ -560,8 +555,6 @@ def expert_forms(block: nn.Module, facts: BlockFacts) -> tuple[list[Form], int, 
         forms.append((f"separate {'gate/up' if gated == 'gated' else 'up'} ({parts[-1].layout})", parts, gated))
     else:
         return [], 0, "no gate/up projection among the expert parameters"
-    if down_layout is None:
-        return [], 0, f"down projection {down_name} {tuple(down.shape)} does not fit"
 
     bias_bindings, bias_ok = _bias_bindings(roles, E, H, inter)
     result = []
@@ -668,7 +661,7 @@ def shared_forms(block: nn.Module, facts: BlockFacts, config: Any) -> tuple[list
     if gate:
         bindings += (Binding(gate[0][0], ("shared.gate",)),)
         gate_kind = "sigmoid"
-    width = module.up_proj.weight.shape[0]
+    width = int(cast(nn.Linear, module.get_submodule("up_proj")).weight.shape[0])
     act = _activation_of(module, config) or "silu"
     label = f"{name} ({'sigmoid-gated' if gate_kind == 'sigmoid' else 'ungated'})"
     return [
@@ -715,7 +708,7 @@ def _config_value(config: Any, names: Iterable[str]) -> Any:
 def router_candidates(facts: BlockFacts, config: Any) -> list[RouterCandidate]:
     """§4 R1-R6 (+ Llama-4, Kolibri) with the options the block and config allow."""
     biased = facts.selection_bias is not None
-    base = dict(logit_bias=facts.router_bias is not None, selection_bias=biased)
+    base: dict[str, Any] = {"logit_bias": facts.router_bias is not None, "selection_bias": biased}
     softcap = next((float(getattr(config, n)) for n in config_fields(type(config))
                     if "softcap" in n and "router" in n and isinstance(getattr(config, n, None), (int, float))), None)
     if softcap:  # 0 / None: no soft-capping
@@ -725,15 +718,17 @@ def router_candidates(facts: BlockFacts, config: Any) -> list[RouterCandidate]:
         for renorm in ("never", "always"):
             eps = 0.0 if scoring == "softmax" else 1e-20
             families.append((f"{scoring}{'+bias' if biased else ''}→top-k{'→renorm' if renorm == 'always' else ''}",
-                             dict(scoring=scoring, renorm=renorm, renorm_eps=eps if renorm == "always" else 0.0)))
+                             {"scoring": scoring, "renorm": renorm, "renorm_eps": eps if renorm == "always" else 0.0}))
     p = _config_value(config, ("moe_normalize_expert_weights",)) or _config_value(
         getattr(config, "ffn_config", None), ("moe_normalize_expert_weights",))
     if isinstance(p, (int, float)) and p not in (1, 1.0):
-        families.append((f"softmax→top-k→{p}-norm", dict(scoring="softmax", renorm="pnorm", renorm_p=float(p))))
-    families.append(("top-k(logits)→softmax", dict(scoring="softmax", select_on="logits", weight_from="softmax_of_selected_logits")))
+        families.append((f"softmax→top-k→{p}-norm", {"scoring": "softmax", "renorm": "pnorm", "renorm_p": float(p)}))
+    families.append(("top-k(logits)→softmax",
+                     {"scoring": "softmax", "select_on": "logits", "weight_from": "softmax_of_selected_logits"}))
     for renorm in ("never", "always"):
         families.append((f"top-k(logits{'+bias' if biased else ''})→sigmoid{'→renorm' if renorm == 'always' else ''}",
-                         dict(scoring="sigmoid", select_on="logits", weight_from="sigmoid_of_selected_logits", renorm=renorm)))
+                         {"scoring": "sigmoid", "select_on": "logits", "weight_from": "sigmoid_of_selected_logits",
+                          "renorm": renorm}))
 
     groups: list[GroupLimit | None] = [None]
     n_group = _config_int(config, GROUP_FIELDS[0]) or 0
@@ -769,7 +764,7 @@ def source_affinity(candidate: RouterCandidate, glu: str, facts: BlockFacts) -> 
     r = candidate.spec
     score += 1 if (r.select_on == "logits") == logit_topk else 0
     if r.group_limit is not None:
-        zero_fill = bool(re.search(r"masked_fill\(.*,\s*0(\.0)?\s*\)\s*$", src, re.M))
+        zero_fill = bool(re.search(r"masked_fill\(.*,\s*0(\.0)?\s*\)\s*$", src, re.MULTILINE))
         score += 1 if (r.group_limit.fill == "zero") == zero_fill else 0
     if glu in ("clamped_swiglu", "clamped_after_act", "gptoss_clamped"):
         exp_src = facts.experts_source
@@ -823,8 +818,11 @@ class Candidate:
         return max(errs) if errs else math.inf
 
     def rank_key(self) -> tuple[Any, ...]:
+        """Matches first (source agreement, then the simpler reading break ties); then the closest misses."""
+        if self.matched:
+            return (0, -self.affinity, -self.simplicity, self.max_error)
         mismatch = self.routing_mismatch if self.routing_mismatch is not None else 0
-        return (not self.matched, mismatch, -self.affinity, -self.simplicity, self.max_error)
+        return (1, mismatch, self.max_error)
 
 
 @dataclass
@@ -977,7 +975,7 @@ def discover(model_type: str, config_kwargs: Mapping[str, Any] | None = None, ve
         result.wall_s = time.perf_counter() - start
         return result
 
-    experts, inter, why_experts = expert_forms(block, facts)
+    experts, _inter, why_experts = expert_forms(block, facts)
     shared, why_shared = shared_forms(block, facts, config)
     extra, why_extra = extra_forms(block, facts, config)
     problems = [w for w in (why_experts, why_shared, why_extra) if w]
@@ -988,7 +986,7 @@ def discover(model_type: str, config_kwargs: Mapping[str, Any] | None = None, ve
 
     losses, aux_attr = _losses(site)
     routers = router_candidates(facts, config)
-    base_bindings = (Binding(facts.router_weight, ("router.weight",)),)
+    base_bindings: tuple[Binding, ...] = (Binding(facts.router_weight, ("router.weight",)),)
     if facts.router_bias:
         base_bindings += (Binding(facts.router_bias, ("router.bias",)),)
     if facts.selection_bias:
@@ -1080,10 +1078,12 @@ def verify_entry(entry: ArchEntry) -> list[Any]:
 
     sel = engine.Selection(archs=(entry.model_type,))
     backends = {"hf-eager": resolve_backend("hf-eager")}
-    if hasattr(engine, "run_arch"):  # the engine runs an (arch, dtype) at a time
-        groups = engine.run_arch(sel, entry, backends, "fp32")
-    else:
-        groups = (g for case in CASES for g in engine.run_group(sel, entry, backends, "fp32", case))
+    run_arch = getattr(engine, "run_arch", None)
+    if run_arch is not None:  # the engine runs an (arch, dtype) at a time
+        groups = run_arch(sel, entry, backends, "fp32")
+    else:  # older engine: one (arch, dtype, case) at a time
+        run_group = getattr(engine, "run_group")  # noqa: B009
+        groups = (g for case in CASES for g in run_group(sel, entry, backends, "fp32", case))
     return [r for group in groups for r in group]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from moeconf.backends.base import BackendError, Observation, RunRequest
 from moeconf.devices import device_available
-from moeconf.distributed import run_ranks
+from moeconf.distributed import MultiRankResult, run_ranks
 from moeconf.partition.dense import dense_reason
 from moeconf.partition.rank_job import CaseInput, RankJob, StepsInput, Strategy
 from moeconf.partition.steps import StepsObservation, StepsRequest
@@ -29,16 +29,22 @@ from moeconf.registry.entry import ArchEntry
 DEFAULT_DEADLINE_S = float(os.environ.get("MOECONF_DEADLINE_S", "120"))
 
 
-class DeadlockError(BackendError):
-    """The ranks did not finish before the deadline: reported as a failed check, with every stack."""
+class PartitionError(BackendError):
+    """A multi-rank run that did not finish cleanly; ``result`` holds every rank's outcome and stack."""
 
-    status = "fail"
+    status = "fail"  # a hang or a dead rank is a failed check, not a harness error
+
+    def __init__(self, message: str, result: MultiRankResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
-class RankCrashError(BackendError):
-    """A rank died or raised."""
+class DeadlockError(PartitionError):
+    """The ranks did not finish before the deadline."""
 
-    status = "fail"
+
+class RankCrashError(PartitionError):
+    """A rank died (exit status or signal) or raised."""
 
 
 @dataclass
@@ -53,6 +59,7 @@ class PartitionedBackend:
     deadline_s: float = DEFAULT_DEADLINE_S
     devices: tuple[str, ...] = ("cpu",)
     dtypes: tuple[str, ...] = ("fp32", "bf16")
+    rank_fn: str = "moeconf.partition.rank_job:run_job"
 
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
         if device not in self.devices or not device_available(device):
@@ -77,12 +84,11 @@ class PartitionedBackend:
             steps=None if steps is None else StepsInput(steps.params, steps.batches, steps.grad_outputs, steps.lr),
         )
         env = {"DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-        result = run_ranks("moeconf.partition.rank_job:run_job", (job,), world_size=self.world_size,
-                           deadline_s=self.deadline_s, env=env)
+        result = run_ranks(self.rank_fn, (job,), world_size=self.world_size, deadline_s=self.deadline_s, env=env)
         if result.status == "deadlock":
-            raise DeadlockError(f"deadlock: ranks still running after {self.deadline_s:.0f} s\n{result.report()}")
+            raise DeadlockError(f"deadlock: ranks still running after {self.deadline_s:.0f} s\n{result.report()}", result)
         if result.status != "ok":
-            raise RankCrashError(f"{result.status}: {result.message}\n{result.report()}")
+            raise RankCrashError(f"{result.status}: {result.message}\n{result.report()}", result)
         per_rank = result.results
         observations = [_observation(requests[i], per_rank[0]["cases"][i]) for i in range(len(requests))]
         steps_obs = None
