@@ -15,6 +15,7 @@ import torch
 
 from moeconf.params import Params, param_shapes, round_through
 from moeconf.reference import aux_selection_margin, route
+from moeconf.reference.moe import activation
 from moeconf.spec import MoESpec
 
 Constraint = Literal["none", "avoid_last_expert", "all_use_first_expert"]
@@ -84,13 +85,44 @@ def draw_params(spec: MoESpec, seed: int) -> Params:
         if name == "router.weight":
             scale = 2.0 / math.sqrt(fan_in)
         elif name == "router.selection_bias":
-            scale = 0.1 if spec.router.scoring == "sigmoid" else 0.02
+            # Large enough to change some choices on the scale of what it is added to.
+            scale = 0.5 if spec.router.select_on == "logits" else 0.05 if spec.router.scoring == "softmax" else 0.1
         elif name.split(".")[-1].startswith("b"):
             scale = 0.1
         else:
             scale = 1.0 / math.sqrt(fan_in)
         params[name] = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
     return params
+
+
+CLAMP_MARGIN = 0.02
+"""Minimum distance of a clamped pre-activation from its limit, relative to the limit.
+
+NOTE: a value that sits on a clamp's edge flips the clamp's gradient under bf16 rounding (seen with
+L = 1.25: 1.2512 rounds to 1.25), which no tolerance can absorb; so tokens keep away from the edge.
+"""
+
+
+def _clamp_distance(spec: MoESpec, params: Params, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[N]`` smallest relative distance of any clamped pre-activation of a selected expert from its limit."""
+    experts = spec.experts
+    if experts.glu not in ("gptoss_clamped", "clamped_swiglu", "clamped_after_act"):
+        return torch.full((x.shape[0],), float("inf"), dtype=x.dtype)
+    limit = experts.gptoss_limit
+    nearest = torch.full((x.shape[0],), float("inf"), dtype=x.dtype)
+    for e in range(spec.num_experts):
+        rows = (index == e).any(dim=-1)
+        if not rows.any():
+            continue
+        gate = x[rows] @ params["experts.w_gate"][e].T
+        up = x[rows] @ params["experts.w_up"][e].T
+        if experts.bias:
+            gate, up = gate + params["experts.b_gate"][e], up + params["experts.b_up"][e]
+        if experts.glu == "clamped_after_act":
+            gate = activation(experts.activation, gate)
+        near = torch.minimum((gate - limit).abs(), torch.minimum((up - limit).abs(), (up + limit).abs()))
+        nearest[rows] = torch.minimum(nearest[rows], near.min(dim=-1).values / limit)
+    return nearest
 
 
 def _satisfies(constraint: Constraint, index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -115,6 +147,7 @@ def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: 
     if spec.losses.aux != "none":
         margin = torch.minimum(margin, aux_selection_margin(routing.logits, spec.top_k))
     ok = (margin >= MIN_MARGIN) & _satisfies(case.constraint, routing.index, spec.num_experts)
+    ok &= _clamp_distance(spec, params, candidates, routing.index) >= CLAMP_MARGIN
     chosen = ok.nonzero().flatten()[: case.tokens]
     if chosen.numel() < case.tokens:
         raise CaseError(f"case {case.name}: only {chosen.numel()}/{case.tokens} of {pool} tokens satisfy it")

@@ -17,7 +17,7 @@ from pathlib import Path
 from moeconf.backends import available_backends, resolve_backend
 from moeconf.cases import CASE_NAMES
 from moeconf.checks import CHECKS
-from moeconf.devices import DEVICES, DTYPES
+from moeconf.devices import DEVICES, DTYPES, use_threads_for_tiny_shapes
 from moeconf.engine import CheckResult, Selection, run_selection
 from moeconf.partition.checks import PARTITION_CHECKS, STEPS_CASE
 from moeconf.registry import REGISTRY, UnknownName, get_entry
@@ -124,6 +124,7 @@ def _check(args: argparse.Namespace, program: str) -> int:
 
 def main(argv: Sequence[str] | None = None, program: str = "moeconf") -> int:
     _quiet_transformers()
+    use_threads_for_tiny_shapes()
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":

@@ -23,3 +23,15 @@ def device_available(device: str) -> bool:
 
         return bool(getattr(torch, "npu", None)) and torch.npu.is_available()
     return False
+
+
+def use_threads_for_tiny_shapes() -> None:
+    """One intra-op thread unless ``MOECONF_THREADS`` says otherwise.
+
+    NOTE: the checks run thousands of tiny matmuls; on a 2-core machine a second intra-op thread
+    made ``moeconf check`` 3-5x slower (thread hand-off costs more than the op), and pytest-xdist
+    workers already use the cores.
+    """
+    import os
+
+    torch.set_num_threads(int(os.environ.get("MOECONF_THREADS", "1")))

@@ -71,6 +71,7 @@ SIZE_FIELDS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("mlp_only_layers",), []),
     (("q_lora_rank", "kv_lora_rank"), 16),
     (("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"), 8),
+    (("pad_token_id",), 0),  # default pad ids lie outside the tiny vocabulary
     (("router_aux_loss_coef",), 0.02),
     (("output_router_logits",), True),
 )
@@ -99,11 +100,12 @@ def config_fields(config_cls: type) -> set[str]:
 
 
 def _resolve(config_cls: type, name: str, fields: set[str]) -> str | None:
-    """``name`` if declared, else what ``attribute_map`` maps it to (if declared)."""
-    if name in fields:
-        return name
+    """The field ``name`` sets: its ``attribute_map`` target first (an alias may also be declared as a
+    field of its own that the model never reads: Step3p7's ``num_local_experts``), else ``name``."""
     target = (getattr(config_cls, "attribute_map", None) or {}).get(name)
-    return target if target in fields else None
+    if target in fields:
+        return target
+    return name if name in fields else None
 
 
 def _has_experts(config_cls: type) -> bool:
@@ -223,6 +225,10 @@ def _models_of_config(model_type: str, config_cls: type) -> list[str]:
     return sorted(names, key=lambda n: (not n.endswith("ForCausalLM"), not n.endswith("Model"), n))
 
 
+MAX_BLOCK_NUMEL = 5_000_000
+"""The real block is only built when its meta twin is this small (tiny configs give ~20k parameters)."""
+
+
 @dataclass(frozen=True)
 class Site:
     """Where the MoE block lives and how it is built (the entry's non-spec fields)."""
@@ -282,6 +288,10 @@ def _site_in_model(model_type: str, config_cls: type, config: Any, kwargs: dict[
             log.append(f"model {model_name}: no module with experts and router children")
             continue
         path, block = blocks[0]
+        numel = sum(p.numel() for p in block.parameters())
+        if numel > MAX_BLOCK_NUMEL:  # a size field the shrink missed: never allocate it for real
+            log.append(f"model {model_name}: {type(block).__name__} would have {numel:,} parameters (not tiny)")
+            continue
         shapes = {n: tuple(p.shape) for n, p in block.named_parameters()}
         sub = _block_config(type(block), config, shapes)
         if sub is None:

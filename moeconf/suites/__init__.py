@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 
+from moeconf.devices import use_threads_for_tiny_shapes
 from moeconf.registry import REGISTRY
+
+use_threads_for_tiny_shapes()
 
 PARITY_BACKENDS = ("hf-eager", "hf-grouped-mm", "hf-batched-mm", "grouped-mm", "npu-gmm")
 
