@@ -59,7 +59,9 @@ def param_shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
         shapes["experts.b_down"] = (E, H)
     if spec.shared is not None:
         S = spec.shared.intermediate
-        shapes.update({"shared.w_gate": (S, H), "shared.w_up": (S, H), "shared.w_down": (H, S)})
+        shapes.update({"shared.w_up": (S, H), "shared.w_down": (H, S)})
+        if spec.shared.form.glu != "none":
+            shapes["shared.w_gate"] = (S, H)
         if spec.shared.gate == "sigmoid":
             shapes["shared.gate"] = (1, H)
     if spec.output_norm_eps is not None:

@@ -27,10 +27,11 @@ GroupScore = Literal["top2sum", "max"]
 GroupFill = Literal["-inf", "zero"]
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2"]
-GluForm = Literal["swiglu", "gptoss_clamped", "clamped_swiglu", "clamped_after_act", "none"]
+GluForm = Literal["swiglu", "gptoss_clamped", "clamped_swiglu", "clamped_after_act", "softcapped_swiglu", "none"]
 """``swiglu``: act(gate)·up. ``gptoss_clamped``: (clamp(up, ±L)+1)·g·σ(αg) with g = min(gate, L)
 (GPT-OSS, MiniMax-M3). ``clamped_swiglu``: act(min(gate, L))·clamp(up, ±L) (DeepSeek-V4, HY-V4,
-GLM-5). ``clamped_after_act``: min(act(gate), L)·clamp(up, ±L) (Step3p7). ``none``: act(up)."""
+GLM-5). ``clamped_after_act``: min(act(gate), L)·clamp(up, ±L) (Step3p7). ``softcapped_swiglu``:
+cg·tanh(gate/cg)·σ(gate)·cu·tanh(up/cu) (Inkling2). ``none``: act(up)."""
 
 WeightSite = Literal["output", "input"]
 """What the routing weight multiplies: the expert's output (almost everyone) or input (Llama-4)."""
@@ -102,6 +103,8 @@ class ExpertSpec:
     bias: bool = False
     gptoss_alpha: float = 1.702
     gptoss_limit: float = 7.0
+    softcap_gate: float = 1.0
+    softcap_up: float = 1.0
     weight_site: WeightSite = "output"
 
 
@@ -109,13 +112,20 @@ class ExpertSpec:
 class SharedSpec:
     """Always-on shared expert(s), fused into one MLP of width ``intermediate``.
 
-    ``combine="average"`` returns ``(routed + shared) / 2`` (Cohere2 ``"average"``).
+    ``combine="average"`` returns ``(routed + shared) / 2`` (Cohere2 ``"average"``). ``mlp`` gives the
+    shared MLP's form (activation, gating, clamps) with the same vocabulary as the routed experts;
+    ``activation`` is kept as a shorthand for the plain SwiGLU case.
     """
 
     intermediate: int
     gate: SharedGate = "none"
     activation: Activation = "silu"
     combine: Literal["sum", "average"] = "sum"
+    mlp: ExpertSpec | None = None
+
+    @property
+    def form(self) -> ExpertSpec:
+        return self.mlp if self.mlp is not None else ExpertSpec(activation=self.activation)
 
 
 @dataclass(frozen=True)

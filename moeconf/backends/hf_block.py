@@ -35,7 +35,10 @@ def build_config(entry: ArchEntry) -> Any:
 
 
 def block_config(entry: ArchEntry, config: Any) -> Any:
-    return getattr(config, entry.block_config_attr) if entry.block_config_attr else config
+    """The (sub-)config the block is built from; ``block_config_attr`` may be dotted."""
+    for attr in (entry.block_config_attr or "").split("."):
+        config = getattr(config, attr) if attr else config
+    return config
 
 
 @lru_cache(maxsize=None)

@@ -69,6 +69,9 @@ def _all_experts(experts: ExpertSpec, canon: dict[str, torch.Tensor], x: torch.T
         hidden = act(proj("gate").clamp(max=limit)) * up.clamp(-limit, limit)
     elif experts.glu == "clamped_after_act":
         hidden = act(proj("gate")).clamp(max=limit) * up.clamp(-limit, limit)
+    elif experts.glu == "softcapped_swiglu":
+        gate, cg, cu = proj("gate"), experts.softcap_gate, experts.softcap_up
+        hidden = cg * torch.tanh(gate / cg) * torch.sigmoid(gate) * cu * torch.tanh(up / cu)
     else:
         gate = proj("gate").clamp(max=limit)
         hidden = (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(experts.gptoss_alpha * gate)

@@ -6,6 +6,7 @@ and losses; gradients come from autograd on it (``reference_gradients``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,27 @@ def activation(name: Activation, x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()  # relu2 (NemotronH)
 
 
+def gated_mlp(form: ExpertSpec, proj: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The hidden activation of one MLP given its projections ``proj("gate" | "up")``."""
+    up = proj("up")
+    limit = form.gptoss_limit
+    if form.glu == "none":
+        return activation(form.activation, up)
+    gate = proj("gate")
+    if form.glu == "swiglu":
+        return activation(form.activation, gate) * up
+    if form.glu == "clamped_swiglu":
+        return activation(form.activation, gate.clamp(max=limit)) * up.clamp(-limit, limit)
+    if form.glu == "clamped_after_act":
+        return activation(form.activation, gate).clamp(max=limit) * up.clamp(-limit, limit)
+    if form.glu == "softcapped_swiglu":
+        cg, cu = form.softcap_gate, form.softcap_up
+        return cg * torch.tanh(gate / cg) * torch.sigmoid(gate) * cu * torch.tanh(up / cu)
+    # GPT-OSS: clamp gate from above, up both ways, then (up + 1)·g·σ(αg)
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(form.gptoss_alpha * gate)
+
+
 def expert_mlp(experts: ExpertSpec, params: Params, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` applied to ``x [n, H] → [n, H]``."""
     bias = experts.bias
@@ -37,26 +59,13 @@ def expert_mlp(experts: ExpertSpec, params: Params, e: int, x: torch.Tensor) -> 
     def proj(name: str) -> torch.Tensor:
         return F.linear(x, params[f"experts.w_{name}"][e], params[f"experts.b_{name}"][e] if bias else None)
 
-    up = proj("up")
-    limit = experts.gptoss_limit
-    if experts.glu == "none":
-        hidden = activation(experts.activation, up)
-    elif experts.glu == "swiglu":
-        hidden = activation(experts.activation, proj("gate")) * up
-    elif experts.glu == "clamped_swiglu":
-        hidden = activation(experts.activation, proj("gate").clamp(max=limit)) * up.clamp(-limit, limit)
-    elif experts.glu == "clamped_after_act":
-        hidden = activation(experts.activation, proj("gate")).clamp(max=limit) * up.clamp(-limit, limit)
-    else:  # GPT-OSS: clamp gate from above, up both ways, then (up + 1)·g·σ(αg)
-        gate = proj("gate").clamp(max=limit)
-        hidden = (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(experts.gptoss_alpha * gate)
-    return F.linear(hidden, params["experts.w_down"][e], params["experts.b_down"][e] if bias else None)
+    return F.linear(gated_mlp(experts, proj), params["experts.w_down"][e], params["experts.b_down"][e] if bias else None)
 
 
 def shared_mlp(spec: MoESpec, params: Params, x: torch.Tensor) -> torch.Tensor:
     """Shared expert(s) ``[N, H] → [N, H]``, gated if the spec says so."""
     assert spec.shared is not None
-    hidden = activation(spec.shared.activation, F.linear(x, params["shared.w_gate"])) * F.linear(x, params["shared.w_up"])
+    hidden = gated_mlp(spec.shared.form, lambda name: F.linear(x, params[f"shared.w_{name}"]))
     out = F.linear(hidden, params["shared.w_down"])
     if spec.shared.gate == "sigmoid":
         out = torch.sigmoid(F.linear(x, params["shared.gate"])) * out

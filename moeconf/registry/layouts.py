@@ -70,6 +70,13 @@ LAYOUTS: dict[str, Layout] = {
             "[E, 2I]: gate/up biases interleaved (GPT-OSS)",
         ),
         Layout(
+            "gate_up_bias_cat",
+            2,
+            lambda g, u: torch.cat((g, u), dim=-1),
+            lambda t: tuple(t.chunk(2, dim=-1)),
+            "[E, 2I]: gate biases then up biases (OpenAI privacy filter)",
+        ),
+        Layout(
             "transposed",
             1,
             lambda t: t.transpose(-1, -2),
