@@ -47,6 +47,7 @@ from moeconf.checks import TOLERANCES, compare
 from moeconf.params import Params, round_through
 from moeconf.reference import reference_forward, route
 from moeconf.registry.entry import ArchEntry, Binding
+from moeconf.registry.layouts import LAYOUTS
 from moeconf.spec import ExpertSpec, GroupLimit, LossSpec, MoESpec, RouterSpec, SharedSpec
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
@@ -306,13 +307,23 @@ def _site_in_model(model_type: str, config_cls: type, config: Any, kwargs: dict[
     return None
 
 
+def _sub_configs(config: Any, prefix: str | None = None, depth: int = 0) -> list[tuple[str | None, Any]]:
+    """``(dotted path, config)`` of the config and its sub-configs, nested two deep (Qwen3-Omni's
+    ``thinker_config.text_config``); the path is None for the config itself."""
+    out: list[tuple[str | None, Any]] = [(prefix, config)]
+    if depth < 2:
+        for key in getattr(type(config), "sub_configs", None) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None and not isinstance(sub, dict):
+                out += _sub_configs(sub, f"{prefix}.{key}" if prefix else key, depth + 1)
+    return out
+
+
 def _block_config(block_cls: type, config: Any, shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str] | None:
     """Which (sub-)config builds the block with the model's parameter shapes, and its constructor form."""
     needs_layer = "layer_idx" in inspect.signature(block_cls).parameters
     init = "config_and_layer_idx" if needs_layer else "config"
-    candidates: list[tuple[str | None, Any]] = [(None, config)]
-    candidates += [(key, getattr(config, key, None)) for key in (getattr(type(config), "sub_configs", None) or {})]
-    for attr, sub in candidates:
+    for attr, sub in _sub_configs(config):
         if sub is None or isinstance(sub, dict):
             continue
         try:
@@ -345,6 +356,16 @@ def _probe_entry(site: Site, spec: MoESpec | None = None, params: tuple[Binding,
 
 
 @dataclass(frozen=True)
+class MlpHints:
+    """What an MLP module and its config say about its form (None: not found)."""
+
+    activation: str | None
+    limit: float | None
+    alpha: float | None
+    softcaps: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
 class BlockFacts:
     """What the block's structure and one hooked forward tell.
 
@@ -362,9 +383,7 @@ class BlockFacts:
     router_logits_index: int | None
     routing_from: str
     decorated: bool
-    activation_hint: str | None
-    glu_limit: float | None
-    glu_alpha: float | None
+    mlp: MlpHints
     source: str
     experts_source: str
 
@@ -416,18 +435,11 @@ def read_block(site: Site) -> tuple[nn.Module, BlockFacts, Any]:
     index, logits_index, routing_from = _observe_router(block, probe, router_path, experts_path, weight, router_bias, hidden)
     if index is not None:
         top_k = index.shape[-1]
-    limit = next((float(getattr(experts, n)) for n in ("limit", "swiglu_limit") if isinstance(getattr(experts, n, None), (int, float))), None)
-    if limit is None:
-        value = getattr(config, "swiglu_limit", None)
-        limit = float(value) if isinstance(value, (int, float)) else None
-    alpha = getattr(experts, "alpha", None) or getattr(config, "swiglu_alpha", None)
     facts = BlockFacts(
         router_path=router_path, experts_path=experts_path, router_weight=router_weight, router_bias=router_bias,
         selection_bias=selection_bias, hidden=hidden, num_experts=rows, top_k=top_k,
         router_logits_index=logits_index, routing_from=routing_from, decorated=hasattr(experts, "is_concatenated"),
-        activation_hint=_activation_of(experts, config), glu_limit=limit,
-        glu_alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
-        source=_source(type(router)) + "\n" + _source(type(block)), experts_source=_source(type(experts)),
+        mlp=mlp_hints(experts, config), source=_source(type(router)) + "\n" + _source(type(block)), experts_source=_source(type(experts)),
     )
     return block, facts, config
 
@@ -573,18 +585,10 @@ def expert_forms(block: nn.Module, facts: BlockFacts) -> tuple[list[Form], int, 
         biases = bias_bindings(interleaved)
         if biases is None:
             continue
-        for glu in _glu_forms(facts, gated == "gated"):
-            for act in _activation_forms(facts, glu):
-                spec = {"glu": glu, "activation": act, "bias": bool(biases), "intermediate": inter}
-                if glu == "gptoss_clamped":
-                    spec["gptoss_alpha"] = facts.glu_alpha or 1.702
-                if glu != "swiglu" and glu != "none" and facts.glu_limit is not None:
-                    spec["gptoss_limit"] = facts.glu_limit
-                glu_label = glu if glu != "swiglu" else f"swiglu({act})"
-                if glu == "none":
-                    glu_label = f"non-gated {act}"
-                result.append(Form(f"{label}, {glu_label}" + (", biases" if biases else ""),
-                                   tuple(parts + bindings + biases), spec))
+        for mlp_label, mlp in mlp_forms(facts.mlp, gated == "gated"):
+            spec = {**mlp, "bias": bool(biases), "intermediate": inter}
+            result.append(Form(f"{label}, {mlp_label}" + (", biases" if biases else ""),
+                               tuple(parts + bindings + biases), spec))
     if not result:
         return [], inter, bias_ok
     return result, inter, None
@@ -618,66 +622,111 @@ def _bias_bindings(roles: dict[str, tuple[str, torch.Tensor]], E: int, H: int, i
         out: list[Binding] = []
         if "gate_up_bias" in roles:
             name, t = roles["gate_up_bias"]
-            if tuple(t.shape) != (E, 2 * inter) or not interleaved:
-                return None  # concatenated [E, 2I] biases have no layout (OpenAI-PF)
-            out.append(Binding(name, ("experts.b_gate", "experts.b_up"), "gate_up_bias_interleaved"))
+            layout = "gate_up_bias_interleaved" if interleaved else "gate_up_bias_cat"
+            if tuple(t.shape) != (E, 2 * inter) or layout not in LAYOUTS:
+                return None
+            out.append(Binding(name, ("experts.b_gate", "experts.b_up"), layout))
         for role in ("gate", "up"):
             if f"{role}_bias" in roles:
                 out.append(Binding(roles[f"{role}_bias"][0], (f"experts.b_{role}",)))
         if "down_bias" in roles:
             out.append(Binding(roles["down_bias"][0], ("experts.b_down",)))
         return out
-    return make, "expert biases in a layout moeconf has no binding for (concatenated gate/up biases)"
+    return make, "expert biases in a layout moeconf has no binding for"
 
 
-def _glu_forms(facts: BlockFacts, gated: bool) -> list[str]:
+def _number(*values: Any) -> float | None:
+    return next((float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
+
+
+def mlp_hints(module: nn.Module, config: Any) -> MlpHints:
+    """Activation and clamp / soft-cap constants of an MLP module (attributes first, then the config)."""
+    fields = config_fields(type(config))
+    gate_cap = next((n for n in fields if "softcap" in n and "gate" in n), None)
+    up_cap = next((n for n in fields if "softcap" in n and "up" in n.replace("softcap", "")), None)
+    caps = (_number(getattr(config, gate_cap, None)), _number(getattr(config, up_cap, None))) if gate_cap and up_cap else None
+    return MlpHints(
+        activation=_activation_of(module, config),
+        limit=_number(getattr(module, "limit", None), getattr(module, "swiglu_limit", None),
+                      getattr(config, "swiglu_limit", None)),
+        alpha=_number(getattr(module, "alpha", None), getattr(config, "swiglu_alpha", None)),
+        softcaps=caps if caps and all(c for c in caps) else None,  # type: ignore[arg-type]
+    )
+
+
+def mlp_forms(hints: MlpHints, gated: bool) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, ExpertSpec fields)`` for every MLP form the hints allow: the activation(s) for a plain
+    (Swi)GLU or non-gated MLP, plus clamped / GPT-OSS / soft-capped forms where the constants exist."""
+    acts = list(dict.fromkeys(([hints.activation] if hints.activation else []) + (["relu2"] if not gated else []) + ["silu"]))
     if not gated:
-        return ["none"]
-    forms = ["swiglu"]
-    if facts.glu_limit is not None:
-        forms += ["clamped_swiglu", "clamped_after_act"]
-        if facts.glu_alpha is not None:
-            forms.append("gptoss_clamped")
+        return [(f"non-gated {a}", {"glu": "none", "activation": a}) for a in acts]
+    forms: list[tuple[str, dict[str, Any]]] = [(f"swiglu({a})", {"glu": "swiglu", "activation": a}) for a in acts]
+    if hints.limit is not None:
+        for glu in ("clamped_swiglu", "clamped_after_act"):
+            forms += [(f"{glu}({a}, L={hints.limit:g})", {"glu": glu, "activation": a, "gptoss_limit": hints.limit})
+                      for a in acts]
+        forms.append((f"gptoss_clamped(L={hints.limit:g})",  # its activation is the formula's own
+                      {"glu": "gptoss_clamped", "gptoss_limit": hints.limit, "gptoss_alpha": hints.alpha or 1.702}))
+    if hints.softcaps is not None:
+        gate_cap, up_cap = hints.softcaps
+        forms.append((f"softcapped_swiglu({gate_cap:g}, {up_cap:g})",
+                      {"glu": "softcapped_swiglu", "softcap_gate": gate_cap, "softcap_up": up_cap}))
     return forms
 
 
-def _activation_forms(facts: BlockFacts, glu: str) -> list[str]:
-    if glu == "gptoss_clamped":
-        return ["silu"]  # the activation is part of the GPT-OSS formula; the field is unused
-    hints = [facts.activation_hint] if facts.activation_hint else []
-    return list(dict.fromkeys(hints + (["relu2"] if glu == "none" else []) + ["silu"]))
+def _linear_weight(module: nn.Module, name: str) -> torch.Tensor | None:
+    child = getattr(module, name, None)
+    return child.weight if isinstance(child, nn.Linear) else None
 
 
-SHARED_PROJ = ("gate_proj", "up_proj", "down_proj")
+def _shared_projections(name: str, module: nn.Module, hidden: int) -> tuple[tuple[Binding, ...], int, bool] | None:
+    """Bindings of a shared MLP made of ``nn.Linear`` projections (gate/up/down, fused gate_up/down, or
+    up/down), its width ``S`` and whether it is gated; None when it is not such an MLP."""
+    down = _linear_weight(module, "down_proj")
+    if down is None or down.shape[0] != hidden:
+        return None
+    width = int(down.shape[1])
+    fused = _linear_weight(module, "gate_up_proj")
+    if fused is not None and tuple(fused.shape) == (2 * width, hidden):
+        binds = (Binding(f"{name}.gate_up_proj.weight", ("shared.w_gate", "shared.w_up"), "gate_up_rows"),)
+        gated = True
+    elif _linear_weight(module, "up_proj") is not None:
+        gated = _linear_weight(module, "gate_proj") is not None
+        binds = tuple(Binding(f"{name}.{p}_proj.weight", (f"shared.w_{p}",)) for p in (("gate", "up") if gated else ("up",)))
+    else:
+        return None
+    return binds + (Binding(f"{name}.down_proj.weight", ("shared.w_down",)),), width, gated
 
 
 def shared_forms(block: nn.Module, facts: BlockFacts, config: Any) -> tuple[list[Form], str | None]:
-    """Shared-expert readings: none, or a gate/up/down MLP (ungated, or sigmoid-gated by a ``[1, H]``
-    weight), combined by sum or average."""
-    shared = [(n, c) for n, c in block.named_children()
-              if SHARED_NAME.search(n) and all(isinstance(getattr(c, p, None), nn.Linear) for p in SHARED_PROJ)]
+    """Shared-expert readings: none, or an MLP (plain / clamped / non-gated ..., ungated or sigmoid-gated
+    by a ``[1, H]`` weight), combined by sum or average."""
+    children = [(n, c) for n, c in block.named_children() if SHARED_NAME.search(n) and not isinstance(c, nn.Linear)]
     gate = [(n, p) for n, p in block.named_parameters()
             if SHARED_NAME.search(n) and "gate" in n.split(".")[0] and tuple(p.shape) == (1, facts.hidden)]
-    if not shared:
-        other = [n for n, _ in block.named_children() if SHARED_NAME.search(n)]
-        if other:
-            return [], f"shared expert(s) {', '.join(other)} are not a gate/up/down MLP"
+    if not children:
         return [Form("none", (), {"shared": None})], None
-    name, module = shared[0]
-    if any(getattr(module, p).bias is not None for p in SHARED_PROJ):
+    name, module = children[0]
+    found = _shared_projections(name, module, facts.hidden)
+    if found is None:
+        return [], f"shared expert(s) {name} ({type(module).__name__}) are not an MLP of nn.Linear projections"
+    bindings, width, gated = found
+    if any(isinstance(m, nn.Linear) and m.bias is not None for m in module.modules()):
         return [], f"shared MLP {name} has biases (no canonical parameter for them)"
-    bindings = tuple(Binding(f"{name}.{p}.weight", (f"shared.w_{p.split('_')[0]}",)) for p in SHARED_PROJ)
     gate_kind = "none"
     if gate:
         bindings += (Binding(gate[0][0], ("shared.gate",)),)
         gate_kind = "sigmoid"
-    width = int(cast(nn.Linear, module.get_submodule("up_proj")).weight.shape[0])
-    act = _activation_of(module, config) or "silu"
     label = f"{name} ({'sigmoid-gated' if gate_kind == 'sigmoid' else 'ungated'})"
-    return [
-        Form(f"{label}, {combine}", bindings, {"shared": SharedSpec(width, gate=gate_kind, activation=act, combine=combine)})  # type: ignore[arg-type]
-        for combine in ("sum", "average")
-    ], None
+    forms = []
+    for mlp_label, mlp in mlp_forms(mlp_hints(module, config), gated):
+        for combine in ("sum", "average"):
+            # A plain SwiGLU is written with the ``activation`` shorthand; other forms need ``mlp``.
+            plain = mlp["glu"] == "swiglu"
+            shared = SharedSpec(width, gate=gate_kind, activation=mlp["activation"] if plain else "silu",  # type: ignore[arg-type]
+                                combine=combine, mlp=None if plain else ExpertSpec(**mlp))  # type: ignore[arg-type]
+            forms.append(Form(f"{label} {mlp_label}, {combine}", bindings, {"shared": shared}))
+    return forms, None
 
 
 def extra_forms(block: nn.Module, facts: BlockFacts, config: Any) -> tuple[Form, str | None]:
@@ -761,6 +810,12 @@ def router_candidates(facts: BlockFacts, config: Any) -> list[RouterCandidate]:
                 out.append(RouterCandidate(text, spec))
                 if facts.routing_from == "router_dense_scores":
                     out.append(RouterCandidate(text + ", weight scales input", spec, weight_site="input"))
+    # OpenAI privacy filter: top-k(logits)→softmax weights divided by k, routed output multiplied by k.
+    k = facts.top_k
+    if k > 1:
+        spec = RouterSpec(**base, select_on="logits", weight_from="softmax_of_selected_logits", routed_scaling=1 / k,
+                          output_scale=float(k))
+        out.append(RouterCandidate(f"top-k(logits)→softmax, weights/{k}, output×{k}", spec))
     return out
 
 
@@ -1007,10 +1062,8 @@ def discover(model_type: str, config_kwargs: Mapping[str, Any] | None = None, ve
         ex = expert.spec
         spec = MoESpec(
             facts.num_experts, facts.top_k, facts.hidden, ex["intermediate"], router=router.spec,
-            experts=ExpertSpec(
-                activation=ex["activation"], glu=ex["glu"], bias=ex["bias"], weight_site=router.weight_site,  # type: ignore[arg-type]
-                **{k: ex[k] for k in ("gptoss_alpha", "gptoss_limit") if k in ex},
-            ),
+            experts=ExpertSpec(**{k: v for k, v in ex.items() if k != "intermediate"},
+                               weight_site=router.weight_site),  # type: ignore[arg-type]
             shared=shared_form.spec["shared"], losses=losses, **extra.spec,
         )
         return _probe_entry(

@@ -10,7 +10,7 @@ import torch
 from moeconf import discover as disc
 from moeconf import registry
 from moeconf.registry import REGISTRY, ArchEntry
-from moeconf.spec import MoESpec
+from moeconf.spec import ExpertSpec, MoESpec
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +43,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def mlp_signature(form: ExpertSpec) -> tuple[object, ...]:
+    """An MLP form: the activation where the formula uses it, constants where they apply."""
+    return (
+        form.glu,
+        None if form.glu in ("gptoss_clamped", "softcapped_swiglu") else form.activation,
+        form.gptoss_limit if form.glu in ("gptoss_clamped", "clamped_swiglu", "clamped_after_act") else None,
+        form.gptoss_alpha if form.glu == "gptoss_clamped" else None,
+        (form.softcap_gate, form.softcap_up) if form.glu == "softcapped_swiglu" else None,
+    )
+
+
 def spec_signature(spec: MoESpec) -> dict[str, object]:
     """The fields that decide what a block computes (eps values below fp32 resolution excluded)."""
     r, x, s = spec.router, spec.experts, spec.shared
@@ -52,8 +63,8 @@ def spec_signature(spec: MoESpec) -> dict[str, object]:
         "weight_from": r.weight_from, "renorm": r.renorm, "renorm_p": r.renorm_p if r.renorm == "pnorm" else None,
         "group_limit": r.group_limit, "routed_scaling": (r.routed_scaling, r.scaling_site) if r.routed_scaling != 1 else None,
         "logit_bias": r.logit_bias, "logit_softcap": r.logit_softcap,
-        "experts": (x.glu, x.activation if x.glu != "gptoss_clamped" else None, x.bias, x.weight_site),
-        "shared": None if s is None else (s.intermediate, s.gate, s.activation, s.combine),
+        "experts": mlp_signature(x) + (x.bias, x.weight_site),
+        "shared": None if s is None else (s.intermediate, s.gate, s.combine) + mlp_signature(s.form),
         "output_norm": spec.output_norm_eps is not None,
     }
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from moeconf.backends import Backend, resolve_backend
-from moeconf.cases import CASES
-from moeconf.engine import Selection, run_group
+from moeconf.engine import Selection, run_arch
 from tests.toy_backend import TOY_ENTRY, toy, toy_z_from_probs
 
 
 def _records(backend: Backend, name: str) -> list:
     sel = Selection(archs=(TOY_ENTRY.model_type,), backends=(name,))
-    return [r for case in CASES for group in run_group(sel, TOY_ENTRY, {name: backend}, "fp32", case) for r in group]
+    return [r for group in run_arch(sel, TOY_ENTRY, {name: backend}, "fp32") for r in group]
 
 
 def test_protocol_and_module_attr_resolution() -> None:

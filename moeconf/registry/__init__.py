@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeconf.registry import deepseek_family, sigmoid_family, softmax_family
+from moeconf.registry import deepseek_family, extra_family, sigmoid_family, softmax_family
 from moeconf.registry.core import CORE_ENTRIES
 from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.registry.layouts import LAYOUTS, Layout
@@ -43,7 +43,7 @@ def _legacy_entries() -> tuple[ArchEntry, ...]:
 
 TRANSFORMERS_MAJOR = _transformers_major()
 REGISTRY: dict[str, ArchEntry] = (
-    _index(CORE_ENTRIES, softmax_family.ENTRIES, deepseek_family.ENTRIES, sigmoid_family.ENTRIES)
+    _index(CORE_ENTRIES, softmax_family.ENTRIES, deepseek_family.ENTRIES, sigmoid_family.ENTRIES, extra_family.ENTRIES)
     if TRANSFORMERS_MAJOR >= 5
     else _index(_legacy_entries())
 )
