@@ -115,3 +115,21 @@ class ArchEntry:
     def expectation(self, check: str, backend: str, dtype: str, device: str) -> Expectation | None:
         """The first declared deviation for this (check, backend, dtype, device), if any."""
         return next((x for x in self.expectations if x.matches(check, backend, dtype, device)), None)
+
+
+def sub_config_variant(
+    entry: ArchEntry, *, model_type: str, config_class: str, block_path: str, model_class: str, **overrides: Any
+) -> ArchEntry:
+    """The same block registered under the model type of its sub-config (``qwen3_vl_moe`` →
+    ``qwen3_vl_moe_text``): the tiny config is the composite's ``block_config_attr`` part.
+
+    ``overrides`` replace any other field (e.g. ``aux_coef_attr=None`` when the text model has no loss).
+    """
+    import dataclasses
+
+    if entry.block_config_attr is None or "." in entry.block_config_attr:
+        raise ValueError(f"{entry.model_type}: only a composite entry with a one-level block_config_attr has variants")
+    return dataclasses.replace(
+        entry, model_type=model_type, config_class=config_class, block_path=block_path, model_class=model_class,
+        config_kwargs=dict(entry.config_kwargs[entry.block_config_attr]), block_config_attr=None, **overrides,
+    )
