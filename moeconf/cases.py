@@ -16,7 +16,7 @@ import torch
 from moeconf.params import Params, param_shapes, round_through
 from moeconf.reference import aux_selection_margin, route
 from moeconf.reference.moe import activation
-from moeconf.spec import MoESpec
+from moeconf.spec import ExpertSpec, MoESpec
 
 Constraint = Literal["none", "avoid_last_expert", "all_use_first_expert"]
 
@@ -103,25 +103,36 @@ L = 1.25: 1.2512 rounds to 1.25), which no tolerance can absorb; so tokens keep 
 """
 
 
+CLAMPED = ("gptoss_clamped", "clamped_swiglu", "clamped_after_act")
+
+
+def _edge_distance(form: ExpertSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``[n]`` smallest distance of a clamped pre-activation from the limit, relative to the limit."""
+    limit = form.gptoss_limit
+    if form.glu == "clamped_after_act":
+        gate = activation(form.activation, gate)
+    near = torch.minimum((gate - limit).abs(), torch.minimum((up - limit).abs(), (up + limit).abs()))
+    return near.min(dim=-1).values / limit
+
+
 def _clamp_distance(spec: MoESpec, params: Params, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``[N]`` smallest relative distance of any clamped pre-activation of a selected expert from its limit."""
-    experts = spec.experts
-    if experts.glu not in ("gptoss_clamped", "clamped_swiglu", "clamped_after_act"):
-        return torch.full((x.shape[0],), float("inf"), dtype=x.dtype)
-    limit = experts.gptoss_limit
+    """``[N]`` smallest relative distance of any clamped pre-activation (selected experts, shared expert)
+    from its limit; infinite where nothing is clamped."""
     nearest = torch.full((x.shape[0],), float("inf"), dtype=x.dtype)
-    for e in range(spec.num_experts):
-        rows = (index == e).any(dim=-1)
-        if not rows.any():
-            continue
-        gate = x[rows] @ params["experts.w_gate"][e].T
-        up = x[rows] @ params["experts.w_up"][e].T
-        if experts.bias:
-            gate, up = gate + params["experts.b_gate"][e], up + params["experts.b_up"][e]
-        if experts.glu == "clamped_after_act":
-            gate = activation(experts.activation, gate)
-        near = torch.minimum((gate - limit).abs(), torch.minimum((up - limit).abs(), (up + limit).abs()))
-        nearest[rows] = torch.minimum(nearest[rows], near.min(dim=-1).values / limit)
+    experts = spec.experts
+    if experts.glu in CLAMPED:
+        for e in range(spec.num_experts):
+            rows = (index == e).any(dim=-1)
+            if not rows.any():
+                continue
+            gate = x[rows] @ params["experts.w_gate"][e].T
+            up = x[rows] @ params["experts.w_up"][e].T
+            if experts.bias:
+                gate, up = gate + params["experts.b_gate"][e], up + params["experts.b_up"][e]
+            nearest[rows] = torch.minimum(nearest[rows], _edge_distance(experts, gate, up))
+    if spec.shared is not None and spec.shared.form.glu in CLAMPED:
+        shared = _edge_distance(spec.shared.form, x @ params["shared.w_gate"].T, x @ params["shared.w_up"].T)
+        nearest = torch.minimum(nearest, shared)
     return nearest
 
 

@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -687,6 +687,7 @@ def _shared_projections(name: str, module: nn.Module, hidden: int) -> tuple[tupl
         return None
     width = int(down.shape[1])
     fused = _linear_weight(module, "gate_up_proj")
+    binds: tuple[Binding, ...]
     if fused is not None and tuple(fused.shape) == (2 * width, hidden):
         binds = (Binding(f"{name}.gate_up_proj.weight", ("shared.w_gate", "shared.w_up"), "gate_up_rows"),)
         gated = True

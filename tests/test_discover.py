@@ -25,7 +25,8 @@ CANDIDATE_TYPES = (
     "sarvam_mla", "sarvam_moe", "mistral4", "glm4v_moe", "glm4v_moe_text", "dots3_note", "dots3_note_text",
     "hy_v4_vl", "hy_v4_vl_text", "deepseek_ocr2", "deepseek_ocr2_text", "unlimited_ocr", "unlimited_ocr_text",
     "mistral_large4", "mistral_large4_text", "minimax_m2", "step3p7", "step3p5", "hy_v3", "laguna", "afmoe",
-    "lfm2_moe", "deepseek_v4", "flint", "kolibri1", "ernie4_5_moe", "longcat_flash",
+    "lfm2_moe", "deepseek_v4", "flint", "kolibri1", "ernie4_5_moe", "longcat_flash", "nemotron_h", "glm5_next",
+    "glm5_next_text", "minimax_m3_vl", "minimax_m3_vl_text", "openai_privacy_filter", "qwen3_omni_moe",
 )
 """Types discover reproduces; those registered *without* declared deviations are tested (an entry
 with an xfail declares the documented behaviour, discover finds the shipped one)."""

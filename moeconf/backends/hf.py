@@ -19,6 +19,7 @@ from torch import nn
 from moeconf.backends.base import Observation, RunRequest
 from moeconf.backends.hf_block import (
     build_block,
+    cast_like_from_pretrained,
     canonical_grads,
     framework_loss_fn,
     load_params,
@@ -59,7 +60,7 @@ class HFBlockBackend:
         """Build the block, load the request's parameters, apply the patch; on the request's device/dtype."""
         block = build_block(request.entry, self.experts_implementation)
         load_params(request.entry, block, request.params)
-        block = block.to(device=request.device, dtype=request.dtype)
+        block = cast_like_from_pretrained(request.entry, block.to(request.device), request.dtype)
         if self.patch is not None:
             block = self.patch(block, request.entry) or block
         return block.train(request.entry.train_mode)

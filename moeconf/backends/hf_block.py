@@ -4,7 +4,9 @@ and observing it (router output, experts call, gradients). Shared by every HF-ba
 
 from __future__ import annotations
 
+import copy
 import importlib
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +33,9 @@ def build_config(entry: ArchEntry) -> Any:
         config_cls = getattr(transformers, entry.config_class)
     except AttributeError:
         raise EntryError(f"{entry.model_type}: transformers has no config class {entry.config_class}") from None
-    return config_cls(**entry.config_kwargs)
+    # NOTE: a deep copy: some config classes write into the dicts they are given (Mistral4Config adds
+    # partial_rotary_factor to rope_parameters), which would leak into entries sharing that dict.
+    return config_cls(**copy.deepcopy(entry.config_kwargs))
 
 
 def block_config(entry: ArchEntry, config: Any) -> Any:
@@ -58,6 +62,35 @@ def build_block(entry: ArchEntry, experts_implementation: str | None = None) -> 
         config._experts_implementation = experts_implementation
     cls = block_class(entry)
     return cls(config, layer_idx=0) if entry.block_init == "config_and_layer_idx" else cls(config)
+
+
+@lru_cache(maxsize=None)
+def _fp32_patterns(modeling_module: str) -> tuple[str, ...]:
+    """``_keep_in_fp32_modules_strict`` of every model class in the block's modeling module."""
+    module = importlib.import_module(modeling_module)
+    patterns: set[str] = set()
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, nn.Module):
+            patterns.update(getattr(value, "_keep_in_fp32_modules_strict", None) or ())
+    return tuple(sorted(patterns))
+
+
+def cast_like_from_pretrained(entry: ArchEntry, block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``block.to(dtype)``, except what the model keeps in fp32 when loaded in bf16/fp16.
+
+    NOTE: a model loaded with ``from_pretrained(dtype=bf16)`` keeps ``_keep_in_fp32_modules_strict``
+    tensors (router weights, selection biases, ...) in fp32, and some routers rely on it (Inkling2
+    multiplies fp32 inputs by its router weight); testing the block as it runs in training means
+    casting it the same way.
+    """
+    block = block.to(dtype)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return block
+    rules = [re.compile(r"(^|\.)" + re.escape(p).replace(r"\*", ".*") + r"($|\.)") for p in _fp32_patterns(entry.modeling_module)]
+    for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+        if any(rule.search(f"{entry.block_path}.{name}") for rule in rules):
+            tensor.data = tensor.data.float()
+    return block
 
 
 def _tensor_at(block: nn.Module, path: str) -> torch.Tensor:

@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeconf.backends.hf_block import build_block, load_params, recording, to_canonical, trained_tensors
+from moeconf.backends.hf_block import (
+    build_block,
+    cast_like_from_pretrained,
+    load_params,
+    recording,
+    to_canonical,
+    trained_tensors,
+)
 from moeconf.params import Params
 from moeconf.registry.entry import ArchEntry
 
@@ -82,7 +89,7 @@ def _block(job: RankJob, params: Params) -> nn.Module:
         from moeconf.partition.dense import apply_dense_patch
 
         apply_dense_patch(block, job.entry)
-    return block.to(job.dtype).train(job.entry.train_mode)
+    return cast_like_from_pretrained(job.entry, block, job.dtype).train(job.entry.train_mode)
 
 
 def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:

@@ -17,14 +17,21 @@ Not registered, because the spec cannot express their shared expert (``SharedSpe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
-from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
-from moeconf.registry.entry import ArchEntry, Binding, Expectation
-from moeconf.spec import ExpertSpec, GroupLimit, MoESpec, RouterSpec, SharedSpec
+from moeconf.registry.core import ATTENTION, CORE_ENTRIES, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
+from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
+from moeconf.spec import ExpertSpec, GroupLimit, LossSpec, MoESpec, RouterSpec, SharedSpec
 
 GROUPS = GroupLimit(n_group=2, topk_group=1)
 """Two groups of four experts, one kept: the group stage really removes candidates."""
+
+ZERO_FILL_GROUPS = replace(GROUPS, fill="zero")
+"""``GROUPS`` with the masked groups filled with 0.0 instead of -inf (Mistral-4, AXK2)."""
+
+GREEDY_GROUPS = replace(GROUPS, score="max", fill="zero")
+"""DeepSeek-V2's ``group_limited_greedy``: group score = max, masked groups = 0.0."""
 
 MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
 """Tiny multi-head latent attention."""
@@ -87,12 +94,13 @@ DOTS3_TEXT = dict(
     routed_scaling_factor=2.0, hidden_act="silu", mlp_layer_types=["sparse"], num_hidden_layers=1,
     **MLA, **DSA, **TOKENS, **ATTENTION,
 )
-HYV4VL_TEXT = dict(
+HYV4_TEXT = dict(
     hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-    n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.827, hidden_act="silu",
-    swiglu_limit=CLAMP, mlp_layer_types=["sparse"], num_hidden_layers=1, **MLA, **DSA, **TOKENS, **ATTENTION,
-    rope_parameters={**ROPE, "mrope_section": [2, 1, 1]},  # sums to qk_rope_head_dim // 2
+    n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.827,
+    hidden_act="silu", swiglu_limit=CLAMP, mlp_layer_types=["sparse"], num_hidden_layers=1,
+    **MLA, **DSA, **TOKENS, **ATTENTION,
 )
+HYV4VL_TEXT = dict(HYV4_TEXT, rope_parameters={**ROPE, "mrope_section": [2, 1, 1]})  # sums to qk_rope_head_dim // 2
 OCR2_TEXT = dict(
     hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
     n_shared_experts=1, topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=2.0,
@@ -108,7 +116,13 @@ LARGE4_TEXT = dict(
     n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, hidden_act="silu",
     mlp_layer_types=["sparse"], num_hidden_layers=1, rope_parameters=ROPE, **MLA, **DSA, **ATTENTION,
 )
-"""Text configs shared by a composite model type and its ``*_text`` sub-config type."""
+"""Text configs (of ``hy_v4`` and of the composite model types, whose ``*_text`` variants reuse them)."""
+
+HYV4_SPEC = MoESpec(
+    E, K, H, I, router=sigmoid_router(True, 2.827),
+    experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP), shared=SharedSpec(I),
+)
+"""HY-V4 block: routed experts act(min(gate, L))·clamp(up, ±L), act = silu hard-coded in HYV4Experts._apply_gate."""
 
 SAM_VISION = dict(
     hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=4, image_size=64, patch_size=16,
@@ -122,42 +136,189 @@ DSV2_NORM_IGNORED = (
     "are never renormalised"
 )
 
+DEEPSEEK_V3 = next(entry for entry in CORE_ENTRIES if entry.model_type == "deepseek_v3")
+
+DEEPSEEK_V32 = ArchEntry(
+    model_type="deepseek_v32",
+    config_class="DeepseekV32Config",
+    config_kwargs=dict(
+        hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+        n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        hidden_act="silu", first_k_dense_replace=0, mlp_layer_types=["sparse"], num_hidden_layers=1,
+        **MLA, **DSA, **ATTENTION,
+    ),
+    modeling_module="transformers.models.deepseek_v32.modeling_deepseek_v32",
+    block_class="DeepseekV32MoE",
+    block_path="model.layers.0.mlp",
+    model_class="DeepseekV32ForCausalLM",
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
+    params=DSV3_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+)
+
+GLM4_MOE = ArchEntry(
+    model_type="glm4_moe",
+    config_class="Glm4MoeConfig",
+    config_kwargs=dict(
+        hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
+        n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+        hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, **ATTENTION,
+    ),
+    modeling_module="transformers.models.glm4_moe.modeling_glm4_moe",
+    block_class="Glm4MoeMoE",
+    block_path="model.layers.0.mlp",
+    model_class="Glm4MoeForCausalLM",
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
+    params=DSV3_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+)
+
+GLM4V_MOE = ArchEntry(
+    model_type="glm4v_moe",
+    config_class="Glm4vMoeConfig",
+    config_kwargs=dict(
+        text_config=dict(GLM4V_TEXT),
+        vision_config=dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=32, out_hidden_size=H),
+    ),
+    modeling_module="transformers.models.glm4v_moe.modeling_glm4v_moe",
+    block_class="Glm4vMoeTextMoE",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Glm4vMoeForConditionalGeneration",
+    block_config_attr="text_config",
+    # Glm4vMoeForConditionalGeneration adds text_config.router_aux_loss_coef × load_balancing_loss_func.
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I), losses=SWITCH_AUX),
+    params=DSV3_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+    aux_coef_attr="text_config.router_aux_loss_coef",
+)
+
+DOTS3_NOTE = ArchEntry(
+    model_type="dots3_note",
+    config_class="Dots3NoteConfig",
+    # Vision tower kept dense (its MoE is a different, R4 block); shared width is configurable here.
+    config_kwargs=dict(
+        text_config=dict(DOTS3_TEXT),
+        vision_config=dict(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32,
+            mlp_layer_types=["dense"], adapter_in_dim=32, adapter_out_dim=H,
+        ),
+        audio_config=dict(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32,
+            downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=H,
+        ),
+    ),
+    modeling_module="transformers.models.dots3_note.modeling_dots3_note",
+    block_class="Dots3NoteTextMoE",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Dots3NoteForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.0), shared=SharedSpec(S)),
+    params=DSV3_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+)
+
+HY_V4_VL = ArchEntry(
+    model_type="hy_v4_vl",
+    config_class="HYV4VLConfig",
+    config_kwargs=dict(
+        text_config=dict(HYV4VL_TEXT),
+        vision_config=dict(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32, out_hidden_size=H,
+            patch_size=16,
+        ),
+    ),
+    modeling_module="transformers.models.hy_v4_vl.modeling_hy_v4_vl",
+    block_class="HYV4VLMoE",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="HYV4VLForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=HYV4_SPEC,
+    params=DSV3_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+)
+
+DEEPSEEK_OCR2 = ArchEntry(
+    model_type="deepseek_ocr2",
+    config_class="DeepseekOcr2Config",
+    # Text side = DeepSeek-V2 MoE (group_limited_greedy: group score = max, masked groups = 0.0); this config
+    # has no norm_topk_prob, so "never renormalise" is what it describes.
+    config_kwargs=dict(
+        text_config=dict(OCR2_TEXT),
+        vision_config=dict(
+            sam_config=dict(SAM_VISION),
+            encoder_config=dict(
+                hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=128,
+            ),
+        ),
+    ),
+    modeling_module="transformers.models.deepseek_ocr2.modeling_deepseek_ocr2",
+    block_class="DeepseekOcr2TextMoe",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="DeepseekOcr2ForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 2.0, GREEDY_GROUPS), shared=SharedSpec(I)),
+    params=DSV2_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+)
+
+UNLIMITED_OCR = ArchEntry(
+    model_type="unlimited_ocr",
+    config_class="UnlimitedOcrConfig",
+    # topk_method="greedy": plain top-k of the softmax (the group-limited path is covered by deepseek_ocr2).
+    config_kwargs=dict(
+        text_config=dict(UNLIMITED_OCR_TEXT),
+        vision_config=dict(
+            sam_config=dict(SAM_VISION),
+            encoder_config=dict(
+                hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                patch_size=14,
+            ),
+        ),
+    ),
+    modeling_module="transformers.models.unlimited_ocr.modeling_unlimited_ocr",
+    block_class="UnlimitedOcrTextMoe",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="UnlimitedOcrForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 1.5, None), shared=SharedSpec(I)),
+    params=DSV2_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+)
+
+MISTRAL_LARGE4 = ArchEntry(
+    model_type="mistral_large4",
+    config_class="MistralLarge4Config",
+    # fp32 router; renormalisation is unconditional (the config has no norm_topk_prob).
+    config_kwargs=dict(
+        text_config=dict(LARGE4_TEXT),
+        vision_config=dict(
+            model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=4, head_dim=8, image_size=32, patch_size=16,
+        ),
+    ),
+    modeling_module="transformers.models.mistral_large4.modeling_mistral_large4",
+    block_class="MistralLarge4TextMoE",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="MistralLarge4ForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, router=softmax_group_router(True, 1.5, ZERO_FILL_GROUPS), shared=SharedSpec(I)),
+    params=DSV2_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+)
+
+
 ENTRIES: tuple[ArchEntry, ...] = (
-    ArchEntry(
-        model_type="deepseek_v32",
-        config_class="DeepseekV32Config",
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
-            hidden_act="silu", first_k_dense_replace=0, mlp_layer_types=["sparse"], num_hidden_layers=1,
-            **MLA, **DSA, **ATTENTION,
-        ),
-        modeling_module="transformers.models.deepseek_v32.modeling_deepseek_v32",
-        block_class="DeepseekV32MoE",
-        block_path="model.layers.0.mlp",
-        model_class="DeepseekV32ForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="glm4_moe",
-        config_class="Glm4MoeConfig",
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
-            hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, **ATTENTION,
-        ),
-        modeling_module="transformers.models.glm4_moe.modeling_glm4_moe",
-        block_class="Glm4MoeMoE",
-        block_path="model.layers.0.mlp",
-        model_class="Glm4MoeForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
+    DEEPSEEK_V32,
+    GLM4_MOE,
     ArchEntry(
         model_type="glm4_moe_lite",
         config_class="Glm4MoeLiteConfig",
@@ -176,23 +337,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
         router_path="gate",
         experts_path="experts",
     ),
-    ArchEntry(
-        model_type="glm_moe_dsa",
-        config_class="GlmMoeDsaConfig",
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
-            hidden_act="silu", first_k_dense_replace=0, mlp_layer_types=["sparse"], num_hidden_layers=1,
-            **MLA, **DSA, **ATTENTION,
-        ),
-        modeling_module="transformers.models.glm_moe_dsa.modeling_glm_moe_dsa",
-        block_class="GlmMoeDsaMoE",
-        block_path="model.layers.0.mlp",
+    # GLM-5: the DeepSeek-V3.2 block and tiny config under GLM's classes.
+    replace(
+        DEEPSEEK_V32, model_type="glm_moe_dsa", config_class="GlmMoeDsaConfig",
+        modeling_module="transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", block_class="GlmMoeDsaMoE",
         model_class="GlmMoeDsaForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
     ),
     ArchEntry(
         model_type="dots1",
@@ -297,10 +446,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_class="AXK2MoE",
         block_path="model.layers.0.mlp",
         model_class="AXK2ForCausalLM",
-        spec=MoESpec(
-            E, K, H, I, router=sigmoid_router(True, 2.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
-            shared=SharedSpec(I),
-        ),
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5, ZERO_FILL_GROUPS), shared=SharedSpec(I)),
         params=DSV3_BLOCK,
         router_path="gate",
         experts_path="experts",
@@ -326,21 +472,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
     ArchEntry(
         model_type="hy_v4",
         config_class="HYV4Config",
-        # Routed experts: act(min(gate, L))·clamp(up, ±L), act = silu hard-coded in HYV4Experts._apply_gate.
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.827,
-            hidden_act="silu", swiglu_limit=CLAMP, mlp_layer_types=["sparse"], num_hidden_layers=1,
-            **MLA, **DSA, **TOKENS, **ATTENTION,
-        ),
+        config_kwargs=HYV4_TEXT,
         modeling_module="transformers.models.hy_v4.modeling_hy_v4",
         block_class="HYV4MoE",
         block_path="model.layers.0.mlp",
         model_class="HYV4ForCausalLM",
-        spec=MoESpec(
-            E, K, H, I, router=sigmoid_router(True, 2.827),
-            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP), shared=SharedSpec(I),
-        ),
+        spec=HYV4_SPEC,
         params=DSV3_BLOCK,
         router_path="gate",
         experts_path="experts",
@@ -381,41 +518,20 @@ ENTRIES: tuple[ArchEntry, ...] = (
         router_path="gate",
         experts_path="experts",
     ),
-    ArchEntry(
-        model_type="sarvam_mla",
-        config_class="SarvamMLAConfig",
-        # Alias type: runs transformers' DeepSeek-V3 classes.
+    # Alias type: runs transformers' DeepSeek-V3 classes (core.py's deepseek_v3 block).
+    replace(
+        DEEPSEEK_V3, model_type="sarvam_mla", config_class="SarvamMLAConfig",
         config_kwargs=dict(
             hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
             n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
             hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, **MLA, **ATTENTION,
         ),
-        modeling_module="transformers.models.deepseek_v3.modeling_deepseek_v3",
-        block_class="DeepseekV3MoE",
-        block_path="model.layers.0.mlp",
-        model_class="DeepseekV3ForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
     ),
-    ArchEntry(
-        model_type="sarvam_moe",
-        config_class="SarvamMoEConfig",
-        # Alias type: runs transformers' GLM-4-MoE classes. norm_topk_prob=False covers the flag's off path.
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-            n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=False, routed_scaling_factor=2.5,
-            hidden_act="silu", first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, **ATTENTION,
-        ),
-        modeling_module="transformers.models.glm4_moe.modeling_glm4_moe",
-        block_class="Glm4MoeMoE",
-        block_path="model.layers.0.mlp",
-        model_class="Glm4MoeForCausalLM",
+    # Alias type: runs transformers' GLM-4-MoE classes. norm_topk_prob=False covers the flag's off path.
+    replace(
+        GLM4_MOE, model_type="sarvam_moe", config_class="SarvamMoEConfig",
+        config_kwargs=dict(GLM4_MOE.config_kwargs, norm_topk_prob=False, routed_scaling_factor=2.5),
         spec=MoESpec(E, K, H, I, router=sigmoid_router(False, 2.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
     ),
     ArchEntry(
         model_type="mistral4",
@@ -430,10 +546,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_class="Mistral4MoE",
         block_path="model.layers.0.mlp",
         model_class="Mistral4ForCausalLM",
-        spec=MoESpec(
-            E, K, H, I, router=softmax_group_router(True, 1.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
-            shared=SharedSpec(I),
-        ),
+        spec=MoESpec(E, K, H, I, router=softmax_group_router(True, 1.5, ZERO_FILL_GROUPS), shared=SharedSpec(I)),
         params=DSV2_BLOCK,
         router_path="gate",
         experts_path="experts",
@@ -453,11 +566,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_class="DeepseekV2Moe",
         block_path="model.layers.0.mlp",
         model_class="DeepseekV2ForCausalLM",
-        spec=MoESpec(
-            E, K, H, I,
-            router=softmax_group_router(True, 2.0, GroupLimit(n_group=2, topk_group=1, score="max", fill="zero")),
-            shared=SharedSpec(I),
-        ),
+        spec=MoESpec(E, K, H, I, router=softmax_group_router(True, 2.0, GREEDY_GROUPS), shared=SharedSpec(I)),
         params=DSV2_BLOCK,
         router_path="gate",
         experts_path="experts",
@@ -466,237 +575,35 @@ ENTRIES: tuple[ArchEntry, ...] = (
             for check in ("routing_weights", "output", "grad_input", "grad_router", "grad_experts")
         ),
     ),
-    ArchEntry(
-        model_type="glm4v_moe",
-        config_class="Glm4vMoeConfig",
-        config_kwargs=dict(
-            text_config=dict(GLM4V_TEXT),
-            vision_config=dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=32, out_hidden_size=H),
-        ),
-        modeling_module="transformers.models.glm4v_moe.modeling_glm4v_moe",
-        block_class="Glm4vMoeTextMoE",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Glm4vMoeForConditionalGeneration",
-        block_config_attr="text_config",
-        # Glm4vMoeForConditionalGeneration adds text_config.router_aux_loss_coef × load_balancing_loss_func.
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I), losses=SWITCH_AUX),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="text_config.router_aux_loss_coef",
+    GLM4V_MOE,
+    # The text model has no loss of its own (the aux loss lives in the composite's ForConditionalGeneration).
+    sub_config_variant(
+        GLM4V_MOE, model_type="glm4v_moe_text", config_class="Glm4vMoeTextConfig", block_path="layers.0.mlp",
+        model_class="Glm4vMoeTextModel", spec=replace(GLM4V_MOE.spec, losses=LossSpec()), aux_coef_attr=None,
     ),
-    ArchEntry(
-        model_type="glm4v_moe_text",
-        config_class="Glm4vMoeTextConfig",
-        config_kwargs=dict(GLM4V_TEXT),
-        modeling_module="transformers.models.glm4v_moe.modeling_glm4v_moe",
-        block_class="Glm4vMoeTextMoE",
-        block_path="layers.0.mlp",
-        model_class="Glm4vMoeTextModel",
-        # The text model has no loss of its own (the aux loss lives in the composite's ForConditionalGeneration).
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="dots3_note",
-        config_class="Dots3NoteConfig",
-        # Vision tower kept dense (its MoE is a different, R4 block); shared width is configurable here.
-        config_kwargs=dict(
-            text_config=dict(DOTS3_TEXT),
-            vision_config=dict(
-                num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32,
-                mlp_layer_types=["dense"], adapter_in_dim=32, adapter_out_dim=H,
-            ),
-            audio_config=dict(
-                num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32,
-                downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=H,
-            ),
-        ),
-        modeling_module="transformers.models.dots3_note.modeling_dots3_note",
-        block_class="Dots3NoteTextMoE",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Dots3NoteForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.0), shared=SharedSpec(S)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="dots3_note_text",
-        config_class="Dots3NoteTextConfig",
-        config_kwargs=dict(DOTS3_TEXT),
-        modeling_module="transformers.models.dots3_note.modeling_dots3_note",
-        block_class="Dots3NoteTextMoE",
-        block_path="model.layers.0.mlp",
+    DOTS3_NOTE,
+    sub_config_variant(
+        DOTS3_NOTE, model_type="dots3_note_text", config_class="Dots3NoteTextConfig", block_path="model.layers.0.mlp",
         model_class="Dots3NoteForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.0), shared=SharedSpec(S)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
     ),
-    ArchEntry(
-        model_type="hy_v4_vl",
-        config_class="HYV4VLConfig",
-        config_kwargs=dict(
-            text_config=dict(HYV4VL_TEXT),
-            vision_config=dict(
-                num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=32, out_hidden_size=H,
-                patch_size=16,
-            ),
-        ),
-        modeling_module="transformers.models.hy_v4_vl.modeling_hy_v4_vl",
-        block_class="HYV4VLMoE",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="HYV4VLForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(
-            E, K, H, I, router=sigmoid_router(True, 2.827),
-            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP), shared=SharedSpec(I),
-        ),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="hy_v4_vl_text",
-        config_class="HYV4VLTextConfig",
-        config_kwargs=dict(HYV4VL_TEXT),
-        modeling_module="transformers.models.hy_v4_vl.modeling_hy_v4_vl",
-        block_class="HYV4VLMoE",
-        block_path="layers.0.mlp",
+    HY_V4_VL,
+    sub_config_variant(
+        HY_V4_VL, model_type="hy_v4_vl_text", config_class="HYV4VLTextConfig", block_path="layers.0.mlp",
         model_class="HYV4VLTextModel",
-        spec=MoESpec(
-            E, K, H, I, router=sigmoid_router(True, 2.827),
-            experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP), shared=SharedSpec(I),
-        ),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
     ),
-    ArchEntry(
-        model_type="deepseek_ocr2",
-        config_class="DeepseekOcr2Config",
-        # Text side = DeepSeek-V2 MoE (group_limited_greedy: group score = max, masked groups = 0.0); this config
-        # has no norm_topk_prob, so "never renormalise" is what it describes.
-        config_kwargs=dict(
-            text_config=dict(OCR2_TEXT),
-            vision_config=dict(
-                sam_config=dict(SAM_VISION),
-                encoder_config=dict(
-                    hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=128,
-                ),
-            ),
-        ),
-        modeling_module="transformers.models.deepseek_ocr2.modeling_deepseek_ocr2",
-        block_class="DeepseekOcr2TextMoe",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="DeepseekOcr2ForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(
-            E, K, H, I,
-            router=softmax_group_router(False, 2.0, GroupLimit(n_group=2, topk_group=1, score="max", fill="zero")),
-            shared=SharedSpec(I),
-        ),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+    DEEPSEEK_OCR2,
+    sub_config_variant(
+        DEEPSEEK_OCR2, model_type="deepseek_ocr2_text", config_class="DeepseekOcr2TextConfig",
+        block_path="layers.0.mlp", model_class="DeepseekOcr2TextModel",
     ),
-    ArchEntry(
-        model_type="deepseek_ocr2_text",
-        config_class="DeepseekOcr2TextConfig",
-        config_kwargs=dict(OCR2_TEXT),
-        modeling_module="transformers.models.deepseek_ocr2.modeling_deepseek_ocr2",
-        block_class="DeepseekOcr2TextMoe",
-        block_path="layers.0.mlp",
-        model_class="DeepseekOcr2TextModel",
-        spec=MoESpec(
-            E, K, H, I,
-            router=softmax_group_router(False, 2.0, GroupLimit(n_group=2, topk_group=1, score="max", fill="zero")),
-            shared=SharedSpec(I),
-        ),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+    UNLIMITED_OCR,
+    sub_config_variant(
+        UNLIMITED_OCR, model_type="unlimited_ocr_text", config_class="UnlimitedOcrTextConfig",
+        block_path="layers.0.mlp", model_class="UnlimitedOcrTextModel",
     ),
-    ArchEntry(
-        model_type="unlimited_ocr",
-        config_class="UnlimitedOcrConfig",
-        # topk_method="greedy": plain top-k of the softmax (the group-limited path is covered by deepseek_ocr2).
-        config_kwargs=dict(
-            text_config=dict(UNLIMITED_OCR_TEXT),
-            vision_config=dict(
-                sam_config=dict(SAM_VISION),
-                encoder_config=dict(
-                    hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28,
-                    patch_size=14,
-                ),
-            ),
-        ),
-        modeling_module="transformers.models.unlimited_ocr.modeling_unlimited_ocr",
-        block_class="UnlimitedOcrTextMoe",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="UnlimitedOcrForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 1.5, None), shared=SharedSpec(I)),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="unlimited_ocr_text",
-        config_class="UnlimitedOcrTextConfig",
-        config_kwargs=dict(UNLIMITED_OCR_TEXT),
-        modeling_module="transformers.models.unlimited_ocr.modeling_unlimited_ocr",
-        block_class="UnlimitedOcrTextMoe",
-        block_path="layers.0.mlp",
-        model_class="UnlimitedOcrTextModel",
-        spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 1.5, None), shared=SharedSpec(I)),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="mistral_large4",
-        config_class="MistralLarge4Config",
-        # fp32 router; renormalisation is unconditional (the config has no norm_topk_prob).
-        config_kwargs=dict(
-            text_config=dict(LARGE4_TEXT),
-            vision_config=dict(
-                model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=4, head_dim=8, image_size=32, patch_size=16,
-            ),
-        ),
-        modeling_module="transformers.models.mistral_large4.modeling_mistral_large4",
-        block_class="MistralLarge4TextMoE",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="MistralLarge4ForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(
-            E, K, H, I, router=softmax_group_router(True, 1.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
-            shared=SharedSpec(I),
-        ),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="mistral_large4_text",
-        config_class="MistralLarge4TextConfig",
-        config_kwargs=dict(LARGE4_TEXT),
-        modeling_module="transformers.models.mistral_large4.modeling_mistral_large4",
-        block_class="MistralLarge4TextMoE",
-        block_path="layers.0.mlp",
-        model_class="MistralLarge4TextModel",
-        spec=MoESpec(
-            E, K, H, I, router=softmax_group_router(True, 1.5, GroupLimit(n_group=2, topk_group=1, fill="zero")),
-            shared=SharedSpec(I),
-        ),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+    MISTRAL_LARGE4,
+    sub_config_variant(
+        MISTRAL_LARGE4, model_type="mistral_large4_text", config_class="MistralLarge4TextConfig",
+        block_path="layers.0.mlp", model_class="MistralLarge4TextModel",
     ),
 )

@@ -15,12 +15,14 @@ zaya (MLP router with a carried state and a skip class).
 from __future__ import annotations
 
 from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
-from moeconf.registry.entry import ArchEntry, Binding
+from moeconf.registry.entry import ArchEntry, Binding, sub_config_variant
 from moeconf.spec import ExpertSpec, MoESpec, RouterSpec, SharedSpec
 
 
 def sigmoid_router(**options: object) -> RouterSpec:
-    """R4: sigmoid scores → top-k of (scores + selection bias) → gathered unbiased scores → renormalise."""
+    """R4: sigmoid scores → top-k of (scores + selection bias) → gathered unbiased scores → renormalise.
+
+    ``options`` override any of these (DeepSeek-V4: ``scoring="sqrtsoftplus"``) or set the other fields."""
     base: dict[str, object] = {
         "scoring": "sigmoid", "select_on": "scores", "selection_bias": True, "weight_from": "scores", "renorm": "always",
     }
@@ -31,6 +33,11 @@ GATE = (Binding("gate.weight", ("router.weight",)),)
 GATE_BIAS = (Binding("gate.e_score_correction_bias", ("router.selection_bias",)),)
 BLOCK_BIAS = (Binding("e_score_correction_bias", ("router.selection_bias",)),)
 """MiniMax-M2 / HY-V3 keep the selection bias on the block and pass it to the router."""
+EXPERT_BIAS = (Binding("expert_bias", ("router.selection_bias",)),)
+"""AFMoE / LFM2-MoE: the selection bias is the block's ``expert_bias``."""
+
+BIASED_BLOCK = GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts")
+"""DeepSeek-V3-style block: ``gate`` with its selection bias, fused experts, gate/up/down ``shared_experts``."""
 
 SWIGLU_LIMIT = 3.0
 """Clamp limit of the clamped experts: a few of the tiny O(1) activations exceed it (so fp32 checks the
@@ -46,19 +53,36 @@ STEP3P7_TEXT = dict(
 """Step-3.7 text config: routed experts clamped after the activation (``swiglu_limits[layer]``), shared
 expert unclamped (no ``swiglu_limits_shared``), routed output × ``moe_router_scaling_factor``."""
 
-STEP3P7_SPEC = MoESpec(
-    E, K, H, I,
-    router=sigmoid_router(routed_scaling=2.0, scaling_site="output"),
-    experts=ExpertSpec(glu="clamped_after_act", gptoss_limit=SWIGLU_LIMIT),
-    shared=SharedSpec(S),
-)
-STEP3P7_PARAMS = GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts")
-
 DSV4_SWIGLU_LIMIT = 10.0
 """DeepSeek-V4's default. NOTE: DeepseekV4MLP (the shared expert) clamps at swiglu_limit too, which the
 config documents as clipping the *routed* experts only and SharedSpec cannot express; 10 is never
 reached by the tiny activations, so both readings agree here (a low limit makes output, grad_input
 and grad_shared_experts differ, see the session report)."""
+
+STEP3P7 = ArchEntry(
+    model_type="step3p7",
+    config_class="Step3p7Config",
+    config_kwargs=dict(
+        text_config=STEP3P7_TEXT,
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14),
+    ),
+    modeling_module="transformers.models.step3p7.modeling_step3p7",
+    block_class="Step3p7SparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Step3p7ForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(
+        E, K, H, I,
+        router=sigmoid_router(routed_scaling=2.0, scaling_site="output"),
+        experts=ExpertSpec(glu="clamped_after_act", gptoss_limit=SWIGLU_LIMIT),
+        shared=SharedSpec(S),
+    ),
+    params=BIASED_BLOCK,
+    router_path="gate",
+    experts_path="experts",
+    block_init="config_and_layer_idx",
+    experts_implementations=("eager",),
+)
 
 
 ENTRIES: tuple[ArchEntry, ...] = (
@@ -80,39 +104,10 @@ ENTRIES: tuple[ArchEntry, ...] = (
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
     ),
-    ArchEntry(
-        model_type="step3p7",
-        config_class="Step3p7Config",
-        config_kwargs=dict(
-            text_config=STEP3P7_TEXT,
-            vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14),
-        ),
-        modeling_module="transformers.models.step3p7.modeling_step3p7",
-        block_class="Step3p7SparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Step3p7ForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=STEP3P7_SPEC,
-        params=STEP3P7_PARAMS,
-        router_path="gate",
-        experts_path="experts",
-        block_init="config_and_layer_idx",
-        experts_implementations=("eager",),
-    ),
-    ArchEntry(
-        model_type="step3p5",
-        config_class="Step3p7TextConfig",
-        config_kwargs=STEP3P7_TEXT,
-        modeling_module="transformers.models.step3p7.modeling_step3p7",
-        block_class="Step3p7SparseMoeBlock",
-        block_path="layers.0.mlp",
+    STEP3P7,
+    sub_config_variant(
+        STEP3P7, model_type="step3p5", config_class="Step3p7TextConfig", block_path="layers.0.mlp",
         model_class="Step3p7TextModel",
-        spec=STEP3P7_SPEC,
-        params=STEP3P7_PARAMS,
-        router_path="gate",
-        experts_path="experts",
-        block_init="config_and_layer_idx",
-        experts_implementations=("eager",),
     ),
     ArchEntry(
         model_type="hy_v3",
@@ -153,7 +148,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
             shared=SharedSpec(S),
             losses=SWITCH_AUX,
         ),
-        params=GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        params=BIASED_BLOCK,
         router_path="gate",
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
@@ -172,10 +167,8 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_path="model.layers.0.mlp",
         model_class="AfmoeForCausalLM",
         spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm_eps=1e-20, routed_scaling=2.0), shared=SharedSpec(I)),
-        params=(
-            Binding("router.gate.weight", ("router.weight",)),
-            Binding("expert_bias", ("router.selection_bias",)),
-        ) + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        params=(Binding("router.gate.weight", ("router.weight",)),) + EXPERT_BIAS + FUSED_EXPERTS
+        + shared_mlp("shared_experts"),
         router_path="router",
         experts_path="experts",
     ),
@@ -193,7 +186,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_path="model.layers.1.feed_forward",
         model_class="Lfm2MoeForCausalLM",
         spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm_eps=1e-6, routed_scaling=1.5)),
-        params=GATE + (Binding("expert_bias", ("router.selection_bias",)),) + FUSED_EXPERTS,
+        params=GATE + EXPERT_BIAS + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",
     ),
@@ -217,15 +210,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_class="DeepseekV4ForCausalLM",
         spec=MoESpec(
             E, K, H, I,
-            router=RouterSpec(
-                scoring="sqrtsoftplus", select_on="scores", selection_bias=True, weight_from="scores",
-                renorm="always", renorm_eps=1e-20, routed_scaling=1.5,
-            ),
+            router=sigmoid_router(scoring="sqrtsoftplus", renorm_eps=1e-20, routed_scaling=1.5),
             experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=DSV4_SWIGLU_LIMIT),
             shared=SharedSpec(I),
             losses=SWITCH_AUX,
         ),
-        params=GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        params=BIASED_BLOCK,
         router_path="gate",
         experts_path="experts",
         block_init="config_and_layer_idx",
@@ -269,7 +259,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
             router=sigmoid_router(select_on="logits", weight_from="sigmoid_of_selected_logits"),
             shared=SharedSpec(S),
         ),
-        params=GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts"),
+        params=BIASED_BLOCK,
         router_path="gate",
         experts_path="experts",
     ),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from moeconf.registry.core import (
     ATTENTION,
+    CORE_ENTRIES,
     FUSED_EXPERTS,
     SWITCH_AUX,
     TOPK_THEN_SOFTMAX,
@@ -15,14 +19,34 @@ from moeconf.registry.core import (
     shared_mlp,
     softmax_topk,
 )
-from moeconf.registry.entry import ArchEntry, Binding
-from moeconf.spec import ExpertSpec, MoESpec, RouterSpec, SharedSpec
+from moeconf.registry.entry import ArchEntry, Binding, sub_config_variant
+from moeconf.spec import LossSpec, MoESpec, SharedSpec
 
 GATE = (Binding("gate.weight", ("router.weight",)),)
 """A ``TopKRouter`` named ``gate`` holding its ``[E, H]`` weight directly."""
 
+ROUTER = (Binding("router.weight", ("router.weight",)),)
+"""The same router, named ``router``."""
+
 QWEN_SHARED = shared_mlp("shared_expert", gate="shared_expert_gate")
 """Qwen2-MoE-style sigmoid-gated shared expert."""
+
+MIXTRAL_FIELDS: dict[str, Any] = dict(
+    spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
+    params=GATE + FUSED_EXPERTS,
+    router_path="gate",
+    experts_path="experts",
+)
+"""The block's own fields (spec, bindings, module names) of a Mixtral-style block whose router is named ``gate``:
+R1 with renormalisation, Switch aux loss (MiniMax, Qwen3-VL-MoE, the Qwen3-Omni thinker, Mellum)."""
+
+QWEN_NEXT_FIELDS: dict[str, Any] = dict(
+    spec=MoESpec(E, K, H, I, router=softmax_topk("always"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX),
+    params=GATE + FUSED_EXPERTS + QWEN_SHARED,
+    router_path="gate",
+    experts_path="experts",
+)
+"""``MIXTRAL_FIELDS`` plus the ``QWEN_SHARED`` expert (Qwen3-Next, Qwen3.5-MoE, Qwen4-Exp)."""
 
 TINY_VISION_QWEN = dict(
     depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=4, temporal_patch_size=2,
@@ -78,18 +102,109 @@ ARIA_TEXT = dict(
 )
 """Aria text config: routed experts hard-code SiLU, the shared MLP (intermediate_size × 2) uses hidden_act."""
 
-ARIA_PARAMS = (
-    Binding("router.weight", ("router.weight",)),
-    Binding("experts.gate_up_proj", ("experts.w_gate", "experts.w_up"), "gate_up_cols"),
-    Binding("experts.down_proj", ("experts.w_down",), "transposed"),
-) + shared_mlp("shared_experts")
-
 LLAMA4_TEXT = dict(
     hidden_size=H, intermediate_size=I, intermediate_size_mlp=48, num_local_experts=E, num_experts_per_tok=K,
     num_hidden_layers=1, head_dim=8, interleave_moe_layer_step=1, no_rope_layers=[1], router_jitter_noise=0.0,
     **ATTENTION,
 )
 """Llama-4 text config (``llama4_text``; the composite ``llama4`` is registered in core.py)."""
+
+LLAMA4 = next(entry for entry in CORE_ENTRIES if entry.model_type == "llama4")
+
+
+def granite_config(**layers: Any) -> dict[str, Any]:
+    """Tiny config of the GraniteMoE models with a decoder-layer shared MLP; ``layers`` (layer types, window,
+    Mamba sizes) come after ``num_hidden_layers``."""
+    return dict(
+        hidden_size=H, intermediate_size=I, shared_intermediate_size=S, num_local_experts=E, num_experts_per_tok=K,
+        num_hidden_layers=1, **layers, router_aux_loss_coef=0.02, output_router_logits=True, **ATTENTION,
+    )
+
+
+GRANITE_FIELDS: dict[str, Any] = dict(
+    spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, losses=SWITCH_AUX),
+    params=ROUTER + FUSED_EXPERTS,
+    router_path="router",
+    experts_path="experts",
+)
+"""The GraniteMoE block (core.py's ``granitemoe``) of the variants whose shared MLP (``shared_intermediate_size``)
+lives in the decoder layer, outside the block: the block's spec has no shared expert."""
+
+
+QWEN3_5_MOE = ArchEntry(
+    model_type="qwen3_5_moe",
+    config_class="Qwen3_5MoeConfig",
+    config_kwargs=dict(text_config=QWEN3_5_TEXT, vision_config=TINY_VISION_QWEN),
+    modeling_module="transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+    block_class="Qwen3_5MoeSparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Qwen3_5MoeForConditionalGeneration",
+    block_config_attr="text_config",
+    **QWEN_NEXT_FIELDS,
+    aux_coef_attr="text_config.router_aux_loss_coef",
+)
+
+QWEN3_VL_MOE = ArchEntry(
+    model_type="qwen3_vl_moe",
+    config_class="Qwen3VLMoeConfig",
+    config_kwargs=dict(text_config=QWEN3_VL_TEXT, vision_config=dict(TINY_VISION_QWEN, deepstack_visual_indexes=[0])),
+    modeling_module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+    block_class="Qwen3VLMoeTextSparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Qwen3VLMoeForConditionalGeneration",
+    block_config_attr="text_config",
+    **MIXTRAL_FIELDS,
+    aux_coef_attr="text_config.router_aux_loss_coef",
+)
+
+QWEN4_EXP = ArchEntry(
+    model_type="qwen4_exp",
+    config_class="Qwen4ExpConfig",
+    config_kwargs=dict(text_config=QWEN4_TEXT, vision_config=TINY_VISION_QWEN),
+    modeling_module="transformers.models.qwen4_exp.modeling_qwen4_exp",
+    block_class="Qwen4ExpTextSparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Qwen4ExpForConditionalGeneration",
+    block_config_attr="text_config",
+    **QWEN_NEXT_FIELDS,
+    aux_coef_attr="text_config.router_aux_loss_coef",
+)
+
+QWEN3_OMNI_MOE_THINKER = ArchEntry(
+    model_type="qwen3_omni_moe_thinker",
+    config_class="Qwen3OmniMoeThinkerConfig",
+    config_kwargs=QWEN3_OMNI_THINKER,
+    modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
+    block_class="Qwen3OmniMoeThinkerTextSparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Qwen3OmniMoeThinkerForConditionalGeneration",
+    block_config_attr="text_config",
+    **MIXTRAL_FIELDS,
+    aux_coef_attr="text_config.router_aux_loss_coef",
+)
+
+ARIA = ArchEntry(
+    model_type="aria",
+    config_class="AriaConfig",
+    config_kwargs=dict(
+        text_config=ARIA_TEXT,
+        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        projector_patch_to_query_dict={16: 4},
+    ),
+    modeling_module="transformers.models.aria.modeling_aria",
+    block_class="AriaTextMoELayer",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="AriaForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, shared=SharedSpec(2 * I)),
+    params=ROUTER + (
+        Binding("experts.gate_up_proj", ("experts.w_gate", "experts.w_up"), "gate_up_cols"),
+        Binding("experts.down_proj", ("experts.w_down",), "transposed"),
+    ) + shared_mlp("shared_experts"),
+    router_path="router",
+    experts_path="experts",
+)
 
 
 ENTRIES: tuple[ArchEntry, ...] = (
@@ -105,10 +220,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_class="MiniMaxSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="MiniMaxForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS,
-        router_path="gate",
-        experts_path="experts",
+        **MIXTRAL_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
     ),
     ArchEntry(
@@ -125,127 +237,32 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_class="Qwen3NextSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="Qwen3NextForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS + QWEN_SHARED,
-        router_path="gate",
-        experts_path="experts",
+        **QWEN_NEXT_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
     ),
-    ArchEntry(
-        model_type="qwen3_5_moe",
-        config_class="Qwen3_5MoeConfig",
-        config_kwargs=dict(text_config=QWEN3_5_TEXT, vision_config=TINY_VISION_QWEN),
-        modeling_module="transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
-        block_class="Qwen3_5MoeSparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Qwen3_5MoeForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS + QWEN_SHARED,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="text_config.router_aux_loss_coef",
+    QWEN3_5_MOE,
+    sub_config_variant(
+        QWEN3_5_MOE, model_type="qwen3_5_moe_text", config_class="Qwen3_5MoeTextConfig",
+        block_path="model.layers.0.mlp", model_class="Qwen3_5MoeForCausalLM", aux_coef_attr="router_aux_loss_coef",
     ),
-    ArchEntry(
-        model_type="qwen3_5_moe_text",
-        config_class="Qwen3_5MoeTextConfig",
-        config_kwargs=QWEN3_5_TEXT,
-        modeling_module="transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
-        block_class="Qwen3_5MoeSparseMoeBlock",
-        block_path="model.layers.0.mlp",
-        model_class="Qwen3_5MoeForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS + QWEN_SHARED,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="router_aux_loss_coef",
+    QWEN3_VL_MOE,
+    # The text model has no loss: only Qwen3VLMoeForConditionalGeneration adds the aux loss.
+    sub_config_variant(
+        QWEN3_VL_MOE, model_type="qwen3_vl_moe_text", config_class="Qwen3VLMoeTextConfig",
+        block_path="layers.0.mlp", model_class="Qwen3VLMoeTextModel",
+        spec=replace(QWEN3_VL_MOE.spec, losses=LossSpec()), aux_coef_attr=None,
     ),
-    ArchEntry(
-        model_type="qwen3_vl_moe",
-        config_class="Qwen3VLMoeConfig",
-        config_kwargs=dict(text_config=QWEN3_VL_TEXT, vision_config=dict(TINY_VISION_QWEN, deepstack_visual_indexes=[0])),
-        modeling_module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
-        block_class="Qwen3VLMoeTextSparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Qwen3VLMoeForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="text_config.router_aux_loss_coef",
+    QWEN4_EXP,
+    sub_config_variant(
+        QWEN4_EXP, model_type="qwen4_exp_text", config_class="Qwen4ExpTextConfig",
+        block_path="model.layers.0.mlp", model_class="Qwen4ExpForCausalLM", aux_coef_attr="router_aux_loss_coef",
     ),
-    ArchEntry(
-        model_type="qwen3_vl_moe_text",
-        config_class="Qwen3VLMoeTextConfig",
-        config_kwargs=QWEN3_VL_TEXT,
-        modeling_module="transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
-        block_class="Qwen3VLMoeTextSparseMoeBlock",
-        block_path="layers.0.mlp",
-        # The text model has no loss: only Qwen3VLMoeForConditionalGeneration adds the aux loss.
-        model_class="Qwen3VLMoeTextModel",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always")),
-        params=GATE + FUSED_EXPERTS,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="qwen4_exp",
-        config_class="Qwen4ExpConfig",
-        config_kwargs=dict(text_config=QWEN4_TEXT, vision_config=TINY_VISION_QWEN),
-        modeling_module="transformers.models.qwen4_exp.modeling_qwen4_exp",
-        block_class="Qwen4ExpTextSparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Qwen4ExpForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS + QWEN_SHARED,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="text_config.router_aux_loss_coef",
-    ),
-    ArchEntry(
-        model_type="qwen4_exp_text",
-        config_class="Qwen4ExpTextConfig",
-        config_kwargs=QWEN4_TEXT,
-        modeling_module="transformers.models.qwen4_exp.modeling_qwen4_exp",
-        block_class="Qwen4ExpTextSparseMoeBlock",
-        block_path="model.layers.0.mlp",
-        model_class="Qwen4ExpForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS + QWEN_SHARED,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="router_aux_loss_coef",
-    ),
-    ArchEntry(
-        model_type="qwen3_omni_moe_thinker",
-        config_class="Qwen3OmniMoeThinkerConfig",
-        config_kwargs=QWEN3_OMNI_THINKER,
-        modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
-        block_class="Qwen3OmniMoeThinkerTextSparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Qwen3OmniMoeThinkerForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="text_config.router_aux_loss_coef",
-    ),
-    ArchEntry(
-        model_type="qwen3_omni_moe_text",
-        config_class="Qwen3OmniMoeTextConfig",
-        config_kwargs=QWEN3_OMNI_TEXT,
-        modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
-        block_class="Qwen3OmniMoeThinkerTextSparseMoeBlock",
-        block_path="layers.0.mlp",
-        # The text model has no loss: the aux loss is added by Qwen3OmniMoeThinkerForConditionalGeneration.
-        model_class="Qwen3OmniMoeThinkerTextModel",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always")),
-        params=GATE + FUSED_EXPERTS,
-        router_path="gate",
-        experts_path="experts",
+    QWEN3_OMNI_MOE_THINKER,
+    # The text model has no loss: the aux loss is added by Qwen3OmniMoeThinkerForConditionalGeneration.
+    sub_config_variant(
+        QWEN3_OMNI_MOE_THINKER, model_type="qwen3_omni_moe_text", config_class="Qwen3OmniMoeTextConfig",
+        block_path="layers.0.mlp", model_class="Qwen3OmniMoeThinkerTextModel",
+        spec=replace(QWEN3_OMNI_MOE_THINKER.spec, losses=LossSpec()), aux_coef_attr=None,
     ),
     ArchEntry(
         model_type="qwen3_omni_moe_talker_text",
@@ -298,10 +315,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_class="MellumSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="MellumForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
-        params=GATE + FUSED_EXPERTS,
-        router_path="gate",
-        experts_path="experts",
+        **MIXTRAL_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
     ),
     ArchEntry(
@@ -346,95 +360,43 @@ ENTRIES: tuple[ArchEntry, ...] = (
     ArchEntry(
         model_type="granitemoe_swa",
         config_class="GraniteMoeSWAConfig",
-        # The shared MLP (shared_intermediate_size) lives in the decoder layer, outside the block: the block's
-        # spec has no shared expert.
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=I, shared_intermediate_size=S, num_local_experts=E,
-            num_experts_per_tok=K, num_hidden_layers=1, layer_types=["full_attention"], sliding_window=16,
-            router_aux_loss_coef=0.02, output_router_logits=True, **ATTENTION,
-        ),
+        config_kwargs=granite_config(layer_types=["full_attention"], sliding_window=16),
         modeling_module="transformers.models.granitemoe_swa.modeling_granitemoe_swa",
         block_class="GraniteMoeSWAMoE",
         block_path="model.layers.0.block_sparse_moe",
         model_class="GraniteMoeSWAForCausalLM",
-        spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, losses=SWITCH_AUX),
-        params=(Binding("router.weight", ("router.weight",)),) + FUSED_EXPERTS,
-        router_path="router",
-        experts_path="experts",
+        **GRANITE_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
     ),
     ArchEntry(
         model_type="granitemoeshared",
         config_class="GraniteMoeSharedConfig",
-        # The shared MLP (shared_intermediate_size) lives in the decoder layer, outside the block: the block's
-        # spec has no shared expert.
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=I, shared_intermediate_size=S, num_local_experts=E,
-            num_experts_per_tok=K, num_hidden_layers=1, router_aux_loss_coef=0.02, output_router_logits=True,
-            **ATTENTION,
-        ),
+        config_kwargs=granite_config(),
         modeling_module="transformers.models.granitemoeshared.modeling_granitemoeshared",
         block_class="GraniteMoeSharedMoE",
         block_path="model.layers.0.block_sparse_moe",
         model_class="GraniteMoeSharedForCausalLM",
-        spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, losses=SWITCH_AUX),
-        params=(Binding("router.weight", ("router.weight",)),) + FUSED_EXPERTS,
-        router_path="router",
-        experts_path="experts",
+        **GRANITE_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
     ),
     ArchEntry(
         model_type="granitemoehybrid",
         config_class="GraniteMoeHybridConfig",
-        # The shared MLP (always present, shared_intermediate_size) lives in the decoder layer, outside the
-        # block: the block's spec has no shared expert.
-        config_kwargs=dict(
-            hidden_size=H, intermediate_size=I, shared_intermediate_size=S, num_local_experts=E,
-            num_experts_per_tok=K, num_hidden_layers=1, layer_types=["full_attention"], mamba_n_heads=4,
-            mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8, router_aux_loss_coef=0.02, output_router_logits=True,
-            **ATTENTION,
+        # The shared MLP is always present here.
+        config_kwargs=granite_config(
+            layer_types=["full_attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8,
         ),
         modeling_module="transformers.models.granitemoehybrid.modeling_granitemoehybrid",
         block_class="GraniteMoeHybridMoE",
         block_path="model.layers.0.block_sparse_moe",
         model_class="GraniteMoeHybridForCausalLM",
-        spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, losses=SWITCH_AUX),
-        params=(Binding("router.weight", ("router.weight",)),) + FUSED_EXPERTS,
-        router_path="router",
-        experts_path="experts",
+        **GRANITE_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
     ),
-    ArchEntry(
-        model_type="aria",
-        config_class="AriaConfig",
-        config_kwargs=dict(
-            text_config=ARIA_TEXT,
-            vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=16, patch_size=4),
-            projector_patch_to_query_dict={16: 4},
-        ),
-        modeling_module="transformers.models.aria.modeling_aria",
-        block_class="AriaTextMoELayer",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="AriaForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, shared=SharedSpec(2 * I)),
-        params=ARIA_PARAMS,
-        router_path="router",
-        experts_path="experts",
-    ),
-    ArchEntry(
-        model_type="aria_text",
-        config_class="AriaTextConfig",
-        config_kwargs=ARIA_TEXT,
-        modeling_module="transformers.models.aria.modeling_aria",
-        block_class="AriaTextMoELayer",
-        block_path="model.layers.0.mlp",
+    ARIA,
+    sub_config_variant(
+        ARIA, model_type="aria_text", config_class="AriaTextConfig", block_path="model.layers.0.mlp",
         model_class="AriaTextForCausalLM",
-        spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, shared=SharedSpec(2 * I)),
-        params=ARIA_PARAMS,
-        router_path="router",
-        experts_path="experts",
     ),
     ArchEntry(
         model_type="cohere2_moe",
@@ -456,32 +418,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
         router_path="gate",
         experts_path="experts",
     ),
-    ArchEntry(
-        model_type="llama4_text",
-        config_class="Llama4TextConfig",
-        config_kwargs=LLAMA4_TEXT,
-        modeling_module="transformers.models.llama4.modeling_llama4",
-        block_class="Llama4TextMoe",
-        block_path="model.layers.0.feed_forward",
-        model_class="Llama4ForCausalLM",
-        # Sigmoid of the top-k logits, no renormalisation, and the weight scales the expert *input*. No aux loss
-        # (the config's router_aux_loss_coef is unused).
-        spec=MoESpec(
-            E, K, H, I,
-            router=RouterSpec(scoring="sigmoid", select_on="logits", weight_from="sigmoid_of_selected_logits"),
-            experts=ExpertSpec(weight_site="input"),
-            shared=SharedSpec(I),
-        ),
-        params=(
-            Binding("router.weight", ("router.weight",)),
-            Binding("experts.gate_up_proj", ("experts.w_gate", "experts.w_up"), "gate_up_cols"),
-            Binding("experts.down_proj", ("experts.w_down",), "transposed"),
-        ) + shared_mlp("shared_expert"),
-        router_path="router",
-        router_logits_index=1,
-        routing_from="router_dense_scores",
-        experts_path="experts",
-        experts_implementations=("eager",),
+    # core.py's llama4 block under the text model type, with its own text config (it also sets
+    # router_jitter_noise=0.0). No aux loss (the config's router_aux_loss_coef is unused).
+    replace(
+        LLAMA4, model_type="llama4_text", config_class="Llama4TextConfig", config_kwargs=LLAMA4_TEXT,
+        block_path="model.layers.0.feed_forward", model_class="Llama4ForCausalLM", block_config_attr=None,
     ),
 )
 
