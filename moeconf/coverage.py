@@ -61,6 +61,22 @@ DECLARED_UNSUPPORTED: dict[str, str] = {
     # Each reason verified against transformers 5.24 (notes §4/§5/§9) and the spec (moeconf/spec.py).
     "doge": "product-key retrieval experts (nn.Embedding up/down, two top-√E key lists): no routed-expert MLP to compare",
     "vitpose_backbone": "experts selected by a dataset index, no router: nothing token-routed to check",
+    "jetmoe": "JetMoeMoE adds a learned output bias [H] (no canonical parameter) and calls input_linear(x_sorted, expert_size), not experts(x, index, weights)",
+    "phimoe": "SparseMixer router: top-2 hard-coded, w = softmax(ℓ masked where (max ℓ − ℓ)/max(|ℓ|, max ℓ) > 2ε)[argmax], second pick with the first at −inf; Gumbel sampling in training",
+    "switch_transformers": "experts receive a capacity-masked one-hot dispatch mask [N, 1, E] (routing unobservable); own per-sequence aux loss and unmasked z-loss; unrouted experts get .grad None",
+    "nllb-moe": "block constructor NllbMoeSparseMLP(config, ffn_dim) needs ffn_dim; upstream routes every token to experts 0/1 only (one_hot of the one-hot top-1 mask, notes §9.1)",
+    "gemma4": "no MoE block: router/experts are Gemma4TextDecoderLayer children; router input RMSNorm·scale·H^-½, weights × per_expert_scale[i], expert in/out RMSNorms, router records probabilities",
+    "gemma4_text": "as gemma4 (same decoder layer)",
+    "diffusion_gemma": "as gemma4 (DiffusionGemma encoder/decoder text layers)",
+    "diffusion_gemma_text": "as gemma4 (same decoder layers)",
+    "ernie4_5_vl_moe": "block holds two expert sets (text_moe / vision_moe) chosen by moe_mm_token_type_ids; the vision set cannot be bound",
+    "ernie4_5_vl_moe_text": "as ernie4_5_vl_moe (same block)",
+    "inkling_text": "router-gated shared experts: router rows E + n_shared, weights softmax(logsigmoid([ℓ_i, ℓ_shared]))·route_scale·global_scale (trainable)",
+    "inkling_mm_model": "as inkling_text (same block)",
+    "muse_spark": "latent MoE: P_post·Σ w_i·RMSNorm_s(E_i(RMSNorm_c(P_pre x))): no spec fields for the projections and the centred/scaled norms",
+    "muse_spark_text": "as muse_spark (same block)",
+    "zaya": "router is an MLP with a state carried from the previous layer, E+1 classes with a skip class, top-1 only; block returns (out, state)",
+    "dots3_note_vision_encoder": "vision-tower MoE (Dots3NoteVisionMoE, sigmoid + block bias): entry not written yet; the text MoE is registered as dots3_note",
 }
 """MoE model types that are deliberately not registered, each with its reason (one line)."""
 

@@ -4,15 +4,8 @@ DeepSeek-V3-style sigmoid routers (selection-only bias, group-limited top-k, ren
 scaling) and the DeepSeek-V2 / Mistral-4 softmax + group-limited routers. Each entry sets the router
 flags explicitly, and the entries vary them (renorm on/off, scaling in the weights or on the output,
 group score top-2-sum/max, masked groups -inf/0.0, greedy) so that every path of the shared router
-code is exercised somewhere.
-
-Not registered, because the spec cannot express their shared expert (``SharedSpec`` is always
-``down(act(gate(x)) · up(x))``):
-
-- ``nemotron_h``: ``NemotronHMLP`` is non-gated, ``down(relu2(up(x)))`` (and always present:
-  ``moe_shared_expert_intermediate_size or intermediate_size``).
-- ``glm5_next``, ``glm5_next_text``: ``Glm5NextTextMLP`` clamps like the routed experts,
-  ``down(act(min(gate(x), L)) · clamp(up(x), ±L))`` with ``L = swiglu_limit``.
+code is exercised somewhere. NemotronH and GLM-5-Next (shared experts of other forms) are in
+extra_family.py.
 """
 
 from __future__ import annotations

@@ -3,13 +3,8 @@
 Sigmoid (or sqrt-softplus) routers without expert groups, plus the softmax-with-selection-bias
 routers of the same generation (ERNIE, LongCat). shared/notes/transformers-moe-landscape.md §4 R4/R5.
 
-Not registered, because the spec cannot express them (details in the session report):
-minimax_m3_vl / minimax_m3_vl_text (shared expert with the GPT-OSS clamped activation),
-muse_spark / muse_spark_text (latent MoE: pre/post projections, pre-norm, per-expert post-norm),
-inkling2 / inkling2_loop / inkling2_text / inkling2_loop_text (soft-capped SwiGLU experts),
-inkling_text / inkling_mm_model (router-gated shared experts), ernie4_5_vl_moe /
-ernie4_5_vl_moe_text (modality-isolated text/vision expert sets chosen by token-type ids),
-zaya (MLP router with a carried state and a skip class).
+MiniMax-M3 and Inkling2 are in extra_family.py; the types moeconf cannot express yet are declared,
+with reasons, in ``moeconf.coverage.DECLARED_UNSUPPORTED``.
 """
 
 from __future__ import annotations

@@ -426,20 +426,3 @@ ENTRIES: tuple[ArchEntry, ...] = (
     ),
 )
 
-NOT_REGISTERED: dict[str, str] = {
-    # Model types of this family left out of ENTRIES, each with what moeconf cannot express yet (one line each;
-    # moeconf.coverage.DECLARED_UNSUPPORTED is the authority the coverage guard reads).
-    "qwen3_omni_moe": "block sub-config is thinker_config.text_config: ArchEntry.block_config_attr takes one attribute, not a dotted path",
-    "openai_privacy_filter": "experts.gate_up_proj_bias [E, 2I] = cat(b_gate, b_up, dim=-1): no concatenated-bias layout in layouts.py",
-    "jetmoe": "JetMoeMoE adds a learned output bias [H] (no canonical parameter) and calls input_linear(x_sorted, expert_size), not experts(x, index, weights)",
-    "phimoe": "SparseMixer router: top-2 hard-coded, w_j = softmax(ℓ masked where (max ℓ − ℓ)/max(|ℓ|, max ℓ) > 2ε)[argmax], second pick on ℓ with the first at −inf",
-    "switch_transformers": "experts receive a capacity-masked one-hot dispatch mask [N, 1, E] (routing unobservable); own aux loss load_balancing_loss_func(router_probs, expert_indices), per-sequence means, unmasked z-loss",
-    "nllb-moe": "block constructor NllbMoeSparseMLP(config, ffn_dim) needs ffn_dim; upstream also routes every token to experts 0/1 only (one_hot of the top-1 mask)",
-    "gemma4": "no MoE block: router/experts are Gemma4TextDecoderLayer children; router input RMSNorm·scale·H^-½, weights × per_expert_scale[i], expert in/out RMSNorms",
-    "gemma4_text": "as gemma4 (same decoder layer)",
-    "diffusion_gemma": "as gemma4 (DiffusionGemmaEncoderTextLayer / DecoderTextLayer)",
-    "diffusion_gemma_text": "as gemma4 (same decoder layers)",
-    "doge": "product-key retrieval experts: nn.Embedding up/down rows, two top-√E key lists, forward returns (out, logits[2, N, √E])",
-    "vitpose_backbone": "no router: VitPoseNaiveMoe picks a Linear by the dataset index passed to forward(hidden, indices)",
-}
-"""Left out on purpose (see the report of the registry work); not read by moeconf."""
