@@ -1,4 +1,4 @@
-"""Command line: ``moeconf list | check`` (also ``python -m moeconf``).
+"""Command line: ``moeconf list | check | discover`` (also ``python -m moeconf``).
 
 Exit codes: 0 every record passed (xfail counts as passed), 1 a check failed or errored,
 2 usage or configuration error (one line naming what was wrong).
@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from moeconf.backends import available_backends, resolve_backend
@@ -53,16 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--device", default="cpu", choices=DEVICES)
     chk.add_argument("--case", nargs="+", choices=[*CASE_NAMES, STEPS_CASE],
                      help=f"input cases (default: all; {STEPS_CASE} runs on multi-rank backends only)")
-    chk.add_argument("--check", nargs="+", choices=[*CHECKS, *PARTITION_CHECKS], help="checks (default: all that apply)")
+    chk.add_argument("--check", nargs="+", choices=[*CHECKS, *PARTITION_CHECKS, "config"],
+                     help="checks (default: all parity/partition checks that apply); 'config' runs the configuration "
+                          "audit (ZeRO-3 leaf registration, loss = CE + coef·aux) on a tiny full model")
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--format", default="text", choices=tuple(RENDERERS))
     chk.add_argument("--output", type=Path, help="write the report here (whole or not at all) instead of stdout")
     chk.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    disc = sub.add_parser("discover", add_help=False, help="propose a registry entry for a transformers MoE model type")
+    disc.add_argument("args", nargs=argparse.REMAINDER, help="MODEL_TYPE [--format text|json] [--config-kwargs JSON] [--seed N]")
     return parser
 
 
 def _list(args: argparse.Namespace) -> int:
     backends = {name: resolve_backend(name) for name in args.backend}
+    from moeconf.coverage import DECLARED_UNSUPPORTED
+
     rows = []
     for entry in REGISTRY.values():
         statuses = {}
@@ -76,6 +83,9 @@ def _list(args: argparse.Namespace) -> int:
             else:
                 statuses[name] = {"status": "supported", "reason": ""}
         rows.append({"model_type": entry.model_type, "block_class": entry.block_class, "backends": statuses})
+    for model_type, reason in sorted(DECLARED_UNSUPPORTED.items()):
+        unsupported = {"status": "unsupported", "reason": reason}
+        rows.append({"model_type": model_type, "block_class": "-", "backends": dict.fromkeys(backends, unsupported)})
     if args.format == "json":
         print(json.dumps({"architectures": rows}, indent=1))
         return EXIT_OK
@@ -87,7 +97,8 @@ def _list(args: argparse.Namespace) -> int:
              for row in rows for n, s in row["backends"].items() if s["reason"]]
     if notes:
         print("\nnotes:\n" + "\n".join(notes))
-    print(f"\n{len(rows)} architectures, {len(backends)} backends")
+    print(f"\n{len(rows)} model types ({len(REGISTRY)} registered, {len(DECLARED_UNSUPPORTED)} declared unsupported), "
+          f"{len(backends)} backends")
     return EXIT_OK
 
 
@@ -97,14 +108,15 @@ def _check(args: argparse.Namespace, program: str) -> int:
         get_entry(arch)  # unknown names fail before anything runs
     for name in args.backend:
         resolve_backend(name)
+    checks = tuple(args.check or (*CHECKS, *PARTITION_CHECKS))
     sel = Selection(
         archs=archs, backends=tuple(args.backend), dtypes=tuple(args.dtype), device=args.device,
-        cases=tuple(args.case or (*CASE_NAMES, STEPS_CASE)), checks=tuple(args.check or (*CHECKS, *PARTITION_CHECKS)),
+        cases=tuple(args.case or (*CASE_NAMES, STEPS_CASE)), checks=tuple(c for c in checks if c != "config"),
         seed=args.seed, program=program,
     )
     records: list[CheckResult] = []
     start = time.perf_counter()
-    for group in run_selection(sel):
+    for group in _groups(sel, audit="config" in checks):
         records.extend(group)
         if not args.quiet and group:
             print(progress_line(group), file=sys.stderr, flush=True)
@@ -122,6 +134,18 @@ def _check(args: argparse.Namespace, program: str) -> int:
     return EXIT_FAILED if any(r.status in FAILING for r in records) else EXIT_OK
 
 
+def _groups(sel: Selection, audit: bool) -> Iterator[list[CheckResult]]:
+    """Parity/partition record groups, then (with ``--check config``) one audit group per architecture."""
+    if sel.checks:
+        yield from run_selection(sel)
+    if audit:
+        from moeconf.audit import audit_entry, to_check_results
+
+        for arch in sel.archs:
+            entry = get_entry(arch)
+            yield to_check_results(entry, audit_entry(entry))
+
+
 def main(argv: Sequence[str] | None = None, program: str = "moeconf") -> int:
     _quiet_transformers()
     use_threads_for_tiny_shapes()
@@ -129,6 +153,10 @@ def main(argv: Sequence[str] | None = None, program: str = "moeconf") -> int:
     try:
         if args.command == "list":
             return _list(args)
+        if args.command == "discover":
+            from moeconf.discover import main_discover
+
+            return main_discover(args.args)
         return _check(args, program)
     except (UnknownName, UsageError) as exc:
         print(f"moeconf: error: {exc}", file=sys.stderr)

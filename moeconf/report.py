@@ -65,6 +65,9 @@ def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
             lines.append(f"- {r.status.upper()} {r.arch} {r.backend} {r.dtype} {r.device} case={r.case} check={r.check}: "
                          f"{r.message} (max_abs_err={_err(r.max_abs_err)}, atol={r.atol}, rtol={r.rtol})")
             lines.append(f"  repro: {r.repro}")
+    warnings = [r for r in records if r.status == "pass" and r.message.startswith("WARNING:")]
+    if warnings:
+        lines += ["", "warnings:"] + [f"- {r.arch} {r.check}: {r.message[len('WARNING:'):].strip()}" for r in warnings]
     xfails = [r for r in records if r.status == "xfail"]
     if xfails:
         lines += ["", "expected failures (declared in the registry):"]

@@ -77,7 +77,12 @@ def test_junit_report(tmp_path: Path) -> None:
 def test_list_json_covers_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["architectures"]
-    assert {r["model_type"] for r in rows} == set(REGISTRY)
+    from moeconf.coverage import DECLARED_UNSUPPORTED
+
+    assert {r["model_type"] for r in rows} == set(REGISTRY) | set(DECLARED_UNSUPPORTED)
+    assert len(rows) >= 95
+    assert all(r["backends"]["hf-eager"]["status"] == "unsupported" and r["backends"]["hf-eager"]["reason"]
+               for r in rows if r["model_type"] in DECLARED_UNSUPPORTED)
     dbrx = next(r for r in rows if r["model_type"] == "dbrx")
     assert dbrx["backends"]["hf-grouped-mm"]["status"] == "unsupported" and dbrx["backends"]["hf-grouped-mm"]["reason"]
 

@@ -78,7 +78,8 @@ def softmax_group_router(norm: bool, scaling: float, group: GroupLimit | None) -
 GLM4V_TEXT = dict(
     hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
     n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, hidden_act="silu",
-    first_k_dense_replace=0, num_hidden_layers=1, head_dim=8, router_aux_loss_coef=0.02, output_router_logits=True,
+    # head_dim 128: the default mrope_section [8, 12, 12] needs a rotary half-width of 32 (partial factor 0.5).
+    first_k_dense_replace=0, num_hidden_layers=1, head_dim=128, router_aux_loss_coef=0.02, output_router_logits=True,
     **ATTENTION,
 )
 DOTS3_TEXT = dict(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp, softmax_topk
 from moeconf.registry.deepseek_family import BIASED_GATE, ROPE, TOKENS, sigmoid_router
-from moeconf.registry.entry import ArchEntry, Binding
+from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.registry.softmax_family import GATE, QWEN3_OMNI_THINKER
 from moeconf.spec import ExpertSpec, MoESpec, RouterSpec, SharedSpec
 
@@ -270,6 +270,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
         router_path="gate",
         experts_path="experts",
         aux_coef_attr="thinker_config.text_config.router_aux_loss_coef",
+        expectations=(Expectation(
+            "xfail", check="config_aux_loss",
+            reason="upstream: Qwen3OmniMoeForConditionalGeneration defines no forward (notes §9.5); the thinker "
+                   "adds the aux loss, but the composite model cannot be run with labels",
+        ),),
     ),
 )
 

@@ -19,7 +19,7 @@ from moeconf.registry.core import (
     shared_mlp,
     softmax_topk,
 )
-from moeconf.registry.entry import ArchEntry, Binding, sub_config_variant
+from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.spec import LossSpec, MoESpec, SharedSpec
 
 GATE = (Binding("gate.weight", ("router.weight",)),)
@@ -181,6 +181,11 @@ QWEN3_OMNI_MOE_THINKER = ArchEntry(
     block_config_attr="text_config",
     **MIXTRAL_FIELDS,
     aux_coef_attr="text_config.router_aux_loss_coef",
+    expectations=(Expectation(
+        "xfail", check="config_aux_loss",
+        reason="upstream: Qwen3OmniMoeThinkerForConditionalGeneration.forward reads config.vision_start_token_id, "
+               "which only the talker config defines (notes §9.5): the loss cannot be computed from this config",
+    ),),
 )
 
 ARIA = ArchEntry(
@@ -262,7 +267,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
     sub_config_variant(
         QWEN3_OMNI_MOE_THINKER, model_type="qwen3_omni_moe_text", config_class="Qwen3OmniMoeTextConfig",
         block_path="layers.0.mlp", model_class="Qwen3OmniMoeThinkerTextModel",
-        spec=replace(QWEN3_OMNI_MOE_THINKER.spec, losses=LossSpec()), aux_coef_attr=None,
+        spec=replace(QWEN3_OMNI_MOE_THINKER.spec, losses=LossSpec()), aux_coef_attr=None, expectations=(),
     ),
     ArchEntry(
         model_type="qwen3_omni_moe_talker_text",
