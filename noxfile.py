@@ -43,8 +43,18 @@ def _install(session: nox.Session) -> None:
 def _pytest(session: nox.Session, *targets: str, env: dict[str, str]) -> None:
     workers = os.environ.get("MOECONF_WORKERS", "auto")
     session.run(
-        PYTHON, "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", *targets, *session.posargs,
-        env=env, success_codes=[0, NO_TESTS], external=True,
+        PYTHON,
+        "-m",
+        "pytest",
+        "-n",
+        workers,
+        "-p",
+        "no:cacheprovider",
+        *targets,
+        *session.posargs,
+        env=env,
+        success_codes=[0, NO_TESTS],
+        external=True,
     )
 
 
@@ -71,10 +81,15 @@ def cuda(session: nox.Session) -> None:
     """Parity suite on CUDA, fp32 and bf16."""
     _require_device(session, "cuda")
     _install(session)
-    _pytest(session, "moeconf/suites", env={
-        "MOECONF_DEVICE": "cuda", "MOECONF_DTYPES": "fp32,bf16",
-        "MOECONF_BACKENDS": "hf-eager,hf-grouped-mm,hf-batched-mm,grouped-mm",
-    })
+    _pytest(
+        session,
+        "moeconf/suites",
+        env={
+            "MOECONF_DEVICE": "cuda",
+            "MOECONF_DTYPES": "fp32,bf16",
+            "MOECONF_BACKENDS": "hf-eager,hf-grouped-mm,hf-batched-mm,grouped-mm",
+        },
+    )
 
 
 @nox.session(venv_backend="none")
@@ -82,9 +97,15 @@ def npu(session: nox.Session) -> None:
     """Parity suite on Ascend NPU with the image's torch + torch_npu + CANN."""
     _require_device(session, "npu")
     _install(session)
-    _pytest(session, "moeconf/suites", env={
-        "MOECONF_DEVICE": "npu", "MOECONF_DTYPES": "fp32,bf16", "MOECONF_BACKENDS": "hf-eager,npu-gmm",
-    })
+    _pytest(
+        session,
+        "moeconf/suites",
+        env={
+            "MOECONF_DEVICE": "npu",
+            "MOECONF_DTYPES": "fp32,bf16",
+            "MOECONF_BACKENDS": "hf-eager,npu-gmm",
+        },
+    )
 
 
 PARTITION_TRANSFORMERS = {"5": "transformers>=5.24,<6", "4.57": "transformers>=4.57,<4.58"}
@@ -99,11 +120,27 @@ def partition(session: nox.Session, transformers: str) -> None:
     """
     import torch
 
-    session.install(f"torch=={torch.__version__.split('+')[0]}", PARTITION_TRANSFORMERS[transformers], "deepspeed>=0.16,<0.20")
+    session.install(
+        f"torch=={torch.__version__.split('+')[0]}", PARTITION_TRANSFORMERS[transformers], "deepspeed>=0.16,<0.20"
+    )
     session.install("--no-deps", "-e", ".")
     # Build DeepSpeed's CPU comm op once, up front, with progress and a stale-lock check.
-    session.run("python", "-c", "from moeconf.distributed.deepspeed_env import ensure_deepspeed_cpu_ops as b; b()",
-                env={"DS_ACCELERATOR": "cpu"})
+    session.run(
+        "python",
+        "-c",
+        "from moeconf.distributed.deepspeed_env import ensure_deepspeed_cpu_ops as b; b()",
+        env={"DS_ACCELERATOR": "cpu"},
+    )
     workers = os.environ.get("MOECONF_WORKERS", "2")
-    session.run("python", "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", "tests/partition", *session.posargs,
-                success_codes=[0, NO_TESTS])
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-n",
+        workers,
+        "-p",
+        "no:cacheprovider",
+        "tests/partition",
+        *session.posargs,
+        success_codes=[0, NO_TESTS],
+    )

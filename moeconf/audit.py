@@ -67,6 +67,7 @@ def repro_command(entry: ArchEntry) -> str:
 
 # --- tiny model -----------------------------------------------------------------------------------
 
+
 def build_model(entry: ArchEntry, config: Any | None = None, device: str | None = None) -> nn.Module:
     """The entry's tiny full model (``entry.model_class``), seeded; on ``device`` (``"meta"``: no memory)."""
     import transformers
@@ -81,6 +82,7 @@ def build_model(entry: ArchEntry, config: Any | None = None, device: str | None 
 
 
 # --- config_leaf ------------------------------------------------------------------------------------
+
 
 def leaf_classes_by_name(model: nn.Module, names: Iterable[str]) -> list[type[nn.Module]]:
     """The model's own module classes whose ``__name__`` is one of ``names`` (first-seen order).
@@ -121,15 +123,20 @@ def audit_leaf(entry: ArchEntry) -> AuditResult:
     modeling = importlib.import_module(entry.modeling_module)
     undefined = [n for n in names if not isinstance(getattr(modeling, n, None), type)]
     if undefined:
-        return AuditResult("config_leaf", "fail",
-                           f"leaf class(es) {', '.join(undefined)} not defined in {entry.modeling_module}: "
-                           "set_z3_leaf_modules would register nothing and ZeRO-3 would hang (typo'd key?)", repro)
+        return AuditResult(
+            "config_leaf",
+            "fail",
+            f"leaf class(es) {', '.join(undefined)} not defined in {entry.modeling_module}: "
+            "set_z3_leaf_modules would register nothing and ZeRO-3 would hang (typo'd key?)",
+            repro,
+        )
     model = build_model(entry, device="meta")  # leaf flags need no weights
     classes = leaf_classes_by_name(model, names)
     absent = [n for n in names if n not in {c.__name__ for c in classes}]
     if absent:
-        return AuditResult("config_leaf", "fail",
-                           f"no module of class {', '.join(absent)} in a tiny {entry.model_class}", repro)
+        return AuditResult(
+            "config_leaf", "fail", f"no module of class {', '.join(absent)} in a tiny {entry.model_class}", repro
+        )
     marked = set_z3_leaf_modules(model, classes)
     per_class = {c.__name__: sum(isinstance(m, c) for m in marked) for c in classes}
     if not marked or not all(per_class.values()):
@@ -149,16 +156,24 @@ def audit_leaf(entry: ArchEntry) -> AuditResult:
     finally:
         target.__class__ = original
     if not caught_by_name:
-        return AuditResult("config_leaf", "fail",
-                           f"a same-named {original.__name__} from another module was not marked by name matching", repro)
+        return AuditResult(
+            "config_leaf",
+            "fail",
+            f"a same-named {original.__name__} from another module was not marked by name matching",
+            repro,
+        )
     counts = ", ".join(f"{n}×{c}" for n, c in per_class.items())
     note = " (the imported class object alone would have missed it)" if missed_by_object else ""
-    return AuditResult("config_leaf", "pass",
-                       f"set_z3_leaf_modules marked {counts}; a same-named class from another module is matched by name{note}",
-                       repro)
+    return AuditResult(
+        "config_leaf",
+        "pass",
+        f"set_z3_leaf_modules marked {counts}; a same-named class from another module is matched by name{note}",
+        repro,
+    )
 
 
 # --- config_aux_loss ----------------------------------------------------------------------------------
+
 
 def _configs(config: Any, depth: int = 0) -> list[tuple[str, Any]]:
     """``(path, config)`` for the config and its (nested) sub-configs."""
@@ -214,8 +229,9 @@ def padded_batch(vocab: int, batch: int = 2, seq: int = 8) -> dict[str, torch.Te
 
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy as transformers' causal-LM loss computes it (mean over labelled)."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def _run_with_labels(entry: ArchEntry, config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -225,7 +241,11 @@ def _run_with_labels(entry: ArchEntry, config: Any) -> tuple[torch.Tensor, torch
     with torch.no_grad():
         out = model(**batch, use_cache=False)  # no cache: hybrid linear-attention caches reject a loss-only call
     aux = getattr(out, "aux_loss", None)
-    return out.loss.float(), causal_lm_ce(out.logits, batch["labels"]), None if aux is None else torch.as_tensor(aux).float()
+    return (
+        out.loss.float(),
+        causal_lm_ce(out.logits, batch["labels"]),
+        None if aux is None else torch.as_tensor(aux).float(),
+    )
 
 
 def audit_aux_loss(entry: ArchEntry) -> AuditResult:
@@ -239,31 +259,51 @@ def audit_aux_loss(entry: ArchEntry) -> AuditResult:
         _set_path(config, attr, KNOWN_COEF)
         assert float(_get_path(config, attr)) == KNOWN_COEF
     except Exception as exc:
-        return AuditResult("config_aux_loss", "fail", f"cannot set the aux coefficient {attr}: {type(exc).__name__}: {exc}", repro)
+        return AuditResult(
+            "config_aux_loss", "fail", f"cannot set the aux coefficient {attr}: {type(exc).__name__}: {exc}", repro
+        )
     flags = enable_router_logits(config)
     try:
         loss, ce, aux = _run_with_labels(entry, config)
     except Exception as exc:
-        return AuditResult("config_aux_loss", "fail",
-                           f"a tiny {entry.model_class} with labels raised {_brief(exc)}: the aux-loss composition "
-                           "cannot be verified", repro)
+        return AuditResult(
+            "config_aux_loss",
+            "fail",
+            f"a tiny {entry.model_class} with labels raised {_brief(exc)}: the aux-loss composition cannot be verified",
+            repro,
+        )
     if aux is None:
-        return AuditResult("config_aux_loss", "fail",
-                           f"{attr}={KNOWN_COEF}, {', '.join(flags) or 'no output_router_logits'}: the model reports no "
-                           "aux_loss, so the coefficient is silently ignored", repro)
+        return AuditResult(
+            "config_aux_loss",
+            "fail",
+            f"{attr}={KNOWN_COEF}, {', '.join(flags) or 'no output_router_logits'}: the model reports no "
+            "aux_loss, so the coefficient is silently ignored",
+            repro,
+        )
     if not torch.isfinite(aux) or float(aux) <= 0:
-        return AuditResult("config_aux_loss", "fail", f"aux_loss is {float(aux):.6g}: a load-balancing loss is > 0", repro)
+        return AuditResult(
+            "config_aux_loss", "fail", f"aux_loss is {float(aux):.6g}: a load-balancing loss is > 0", repro
+        )
     expected = ce + KNOWN_COEF * aux
     err = float((loss - expected).abs())
     if err > LOSS_TOL * max(1.0, float(expected.abs())):
         implied = float((loss - ce) / aux)
         return AuditResult(
-            "config_aux_loss", "fail",
+            "config_aux_loss",
+            "fail",
             f"loss {float(loss):.6g} != CE {float(ce):.6g} + {KNOWN_COEF}·aux {float(aux):.6g} = {float(expected):.6g}: "
-            f"the model used coefficient {implied:.4g}, not {attr}={KNOWN_COEF} (set but ignored)", repro, err)
-    return AuditResult("config_aux_loss", "pass",
-                       f"loss == CE + {attr}·aux ({float(loss):.6g} = {float(ce):.6g} + {KNOWN_COEF}·{float(aux):.6g}) "
-                       "on a left-padded batch", repro, err)
+            f"the model used coefficient {implied:.4g}, not {attr}={KNOWN_COEF} (set but ignored)",
+            repro,
+            err,
+        )
+    return AuditResult(
+        "config_aux_loss",
+        "pass",
+        f"loss == CE + {attr}·aux ({float(loss):.6g} = {float(ce):.6g} + {KNOWN_COEF}·{float(aux):.6g}) "
+        "on a left-padded batch",
+        repro,
+        err,
+    )
 
 
 def _brief(exc: BaseException, limit: int = 120) -> str:
@@ -273,7 +313,9 @@ def _brief(exc: BaseException, limit: int = 120) -> str:
 
 def _audit_no_aux(entry: ArchEntry, config: Any, repro: str) -> AuditResult:
     """No aux loss declared: flag a coefficient/flag the config carries but the model never uses."""
-    knobs = [f"{p}.{f}" if p else f for p, sub in _configs(config) for f in COEF_FIELDS + (AUX_FLAG,) if hasattr(sub, f)]
+    knobs = [
+        f"{p}.{f}" if p else f for p, sub in _configs(config) for f in COEF_FIELDS + (AUX_FLAG,) if hasattr(sub, f)
+    ]
     if not knobs:
         return AuditResult("config_aux_loss", "pass", "no aux loss, and the config offers no coefficient", repro)
     for path, sub in _configs(config):
@@ -289,12 +331,20 @@ def _audit_no_aux(entry: ArchEntry, config: Any, repro: str) -> AuditResult:
     else:
         err = float((loss - ce).abs())
         if aux is not None and err > LOSS_TOL * max(1.0, float(ce.abs())):
-            return AuditResult("config_aux_loss", "fail",
-                               f"the model adds an aux loss (loss − CE = {err:.4g}) but the entry declares no aux_coef_attr",
-                               repro, err)
-    return AuditResult("config_aux_loss", "warn",
-                       f"coefficient set but the model computes no aux loss: it would be silently ignored "
-                       f"(config carries {', '.join(knobs)}){note}", repro)
+            return AuditResult(
+                "config_aux_loss",
+                "fail",
+                f"the model adds an aux loss (loss − CE = {err:.4g}) but the entry declares no aux_coef_attr",
+                repro,
+                err,
+            )
+    return AuditResult(
+        "config_aux_loss",
+        "warn",
+        f"coefficient set but the model computes no aux loss: it would be silently ignored "
+        f"(config carries {', '.join(knobs)}){note}",
+        repro,
+    )
 
 
 # --- entry points -------------------------------------------------------------------------------------
@@ -309,7 +359,9 @@ def audit_entry(entry: ArchEntry) -> list[AuditResult]:
         try:
             results.append(audit(entry))
         except Exception as exc:
-            results.append(AuditResult(check, "fail", f"audit raised {type(exc).__name__}: {exc}", repro_command(entry)))
+            results.append(
+                AuditResult(check, "fail", f"audit raised {type(exc).__name__}: {exc}", repro_command(entry))
+            )
     return results
 
 
@@ -326,12 +378,23 @@ def to_check_results(entry: ArchEntry, results: Sequence[AuditResult]) -> list[A
             status = "xfail" if status == "fail" else "fail"
             verdict = "failed as declared" if status == "xfail" else "passed, but is declared xfail"
             message = f"{verdict}: {declared.reason}. {message}"
-        records.append(CheckResult(
-            arch=entry.model_type, backend="config", dtype="fp32", device="cpu", case="tiny-model", check=r.check,
-            status=status, max_abs_err=r.max_abs_err, max_rel_err=None,  # type: ignore[arg-type]
-            atol=LOSS_TOL if r.check == "config_aux_loss" and r.max_abs_err is not None else None, rtol=None,
-            message=message, repro=r.repro,
-        ))
+        records.append(
+            CheckResult(
+                arch=entry.model_type,
+                backend="config",
+                dtype="fp32",
+                device="cpu",
+                case="tiny-model",
+                check=r.check,
+                status=status,
+                max_abs_err=r.max_abs_err,
+                max_rel_err=None,  # type: ignore[arg-type]
+                atol=LOSS_TOL if r.check == "config_aux_loss" and r.max_abs_err is not None else None,
+                rtol=None,
+                message=message,
+                repro=r.repro,
+            )
+        )
     return records
 
 

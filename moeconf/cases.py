@@ -46,7 +46,9 @@ class Case:
 CASES: tuple[Case, ...] = (
     Case("random", 2, 8, "none", "random tokens, random non-uniform routing weights, a padded row for the losses"),
     Case("single_token", 1, 1, "none", "T=1"),
-    Case("empty_expert", 2, 6, "avoid_last_expert", "the last expert receives no token (its grads must be exact zeros)"),
+    Case(
+        "empty_expert", 2, 6, "avoid_last_expert", "the last expert receives no token (its grads must be exact zeros)"
+    ),
     Case("one_expert", 1, 6, "all_use_first_expert", "every token is routed to expert 0"),
 )
 CASE_NAMES = tuple(c.name for c in CASES)

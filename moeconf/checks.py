@@ -80,7 +80,9 @@ def compare(name: str, actual: torch.Tensor | None, expected: torch.Tensor, tol:
         return Outcome(False, tol=tol, message=f"{name}: backend produced nothing (None)")
     actual = actual.detach().to(device="cpu", dtype=torch.float64)
     if actual.shape != expected.shape:
-        return Outcome(False, tol=tol, message=f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+        return Outcome(
+            False, tol=tol, message=f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+        )
     if not torch.isfinite(actual).all():
         return Outcome(False, float("inf"), float("inf"), tol, f"{name}: non-finite values")
     diff = (actual - expected).abs()
@@ -133,7 +135,10 @@ def check_routing(c: CheckInput) -> Outcome:
         return Outcome(True, 0.0, 0.0, Tolerance(0, 0))
     t = int(wrong.nonzero()[0])
     return Outcome(
-        False, float(wrong.sum()), float(wrong.float().mean()), Tolerance(0, 0),
+        False,
+        float(wrong.sum()),
+        float(wrong.float().mean()),
+        Tolerance(0, 0),
         f"{int(wrong.sum())}/{len(wrong)} tokens routed differently; token {t}: got {got[t].tolist()}, expected {want[t].tolist()}",
     )
 
@@ -146,14 +151,23 @@ def check_routing_weights(c: CheckInput) -> Outcome:
     got_index, got_weights = _sorted_by_index(obs.topk_index, obs.topk_weights)
     want = c.reference.routing
     if got_index.shape != want.index.shape:
-        return Outcome(False, message=f"topk_index shape {tuple(got_index.shape)} != expected {tuple(want.index.shape)}")
+        return Outcome(
+            False, message=f"topk_index shape {tuple(got_index.shape)} != expected {tuple(want.index.shape)}"
+        )
     same = (got_index == want.index).all(dim=-1)
     if not same.any():
         return Outcome(False, message="no token routed as the reference; weights not comparable")
-    outcome = compare("topk_weights", got_weights[same], want.weights.detach()[same], TOLERANCES[c.dtype]["routing_weights"])
+    outcome = compare(
+        "topk_weights", got_weights[same], want.weights.detach()[same], TOLERANCES[c.dtype]["routing_weights"]
+    )
     if not same.all():
-        return Outcome(False, outcome.max_abs_err, outcome.max_rel_err, outcome.tol,
-                       f"compared {int(same.sum())}/{len(same)} tokens (others routed differently) {outcome.message}")
+        return Outcome(
+            False,
+            outcome.max_abs_err,
+            outcome.max_rel_err,
+            outcome.tol,
+            f"compared {int(same.sum())}/{len(same)} tokens (others routed differently) {outcome.message}",
+        )
     return outcome
 
 
@@ -208,15 +222,25 @@ def check_grad_experts(c: CheckInput) -> Outcome:
     """
     names = [n for n in c.reference_grads if n.startswith("experts.")]
     outcome = _grad_check(c, names)
-    problems = [f"grad {m} is None, expected exact zeros" for m in c.observation.missing_grads if m.startswith("experts.")]
+    problems = [
+        f"grad {m} is None, expected exact zeros" for m in c.observation.missing_grads if m.startswith("experts.")
+    ]
     for e in _unrouted_experts(c):
         for n in names:
             grad = c.observation.grads.get(n)
             if grad is not None and bool((grad[e] != 0).any()):
-                problems.append(f"expert {e} received no token but grad {n}[{e}] is not exactly zero (max {float(grad[e].abs().max()):.3g})")
+                problems.append(
+                    f"expert {e} received no token but grad {n}[{e}] is not exactly zero (max {float(grad[e].abs().max()):.3g})"
+                )
     if not problems:
         return outcome
-    return Outcome(False, outcome.max_abs_err, outcome.max_rel_err, outcome.tol, "; ".join(problems[:2] + [outcome.message]).strip("; "))
+    return Outcome(
+        False,
+        outcome.max_abs_err,
+        outcome.max_rel_err,
+        outcome.tol,
+        "; ".join(problems[:2] + [outcome.message]).strip("; "),
+    )
 
 
 def check_grad_shared_experts(c: CheckInput) -> Outcome:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from moeconf.backends import available_backends, resolve_backend
+from moeconf.backends import resolve_backend
 from moeconf.cases import CASE_NAMES
 from moeconf.checks import CHECKS
 from moeconf.devices import DEVICES, DTYPES, use_threads_for_tiny_shapes
@@ -47,22 +47,37 @@ def _parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="run the parity checks against the float64 reference")
     chk.add_argument("--arch", nargs="+", metavar="A", help="model types (default: every registered one)")
-    chk.add_argument("--backend", nargs="+", default=["hf-eager"], metavar="B",
-                     help="backend names, entry points, or package.module:attr (default: hf-eager)")
+    chk.add_argument(
+        "--backend",
+        nargs="+",
+        default=["hf-eager"],
+        metavar="B",
+        help="backend names, entry points, or package.module:attr (default: hf-eager)",
+    )
     chk.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     chk.add_argument("--device", default="cpu", choices=DEVICES)
-    chk.add_argument("--case", nargs="+", choices=[*CASE_NAMES, STEPS_CASE],
-                     help=f"input cases (default: all; {STEPS_CASE} runs on multi-rank backends only)")
-    chk.add_argument("--check", nargs="+", choices=[*CHECKS, *PARTITION_CHECKS, "config"],
-                     help="checks (default: all parity/partition checks that apply); 'config' runs the configuration "
-                          "audit (ZeRO-3 leaf registration, loss = CE + coef·aux) on a tiny full model")
+    chk.add_argument(
+        "--case",
+        nargs="+",
+        choices=[*CASE_NAMES, STEPS_CASE],
+        help=f"input cases (default: all; {STEPS_CASE} runs on multi-rank backends only)",
+    )
+    chk.add_argument(
+        "--check",
+        nargs="+",
+        choices=[*CHECKS, *PARTITION_CHECKS, "config"],
+        help="checks (default: all parity/partition checks that apply); 'config' runs the configuration "
+        "audit (ZeRO-3 leaf registration, loss = CE + coef·aux) on a tiny full model",
+    )
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--format", default="text", choices=tuple(RENDERERS))
     chk.add_argument("--output", type=Path, help="write the report here (whole or not at all) instead of stdout")
     chk.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     disc = sub.add_parser("discover", add_help=False, help="propose a registry entry for a transformers MoE model type")
-    disc.add_argument("args", nargs=argparse.REMAINDER, help="MODEL_TYPE [--format text|json] [--config-kwargs JSON] [--seed N]")
+    disc.add_argument(
+        "args", nargs=argparse.REMAINDER, help="MODEL_TYPE [--format text|json] [--config-kwargs JSON] [--seed N]"
+    )
     return parser
 
 
@@ -93,12 +108,18 @@ def _list(args: argparse.Namespace) -> int:
     for row in rows:
         cells = " ".join(f"{row['backends'][n]['status']:<15}" for n in backends)
         print(f"{row['model_type']:<16} {row['block_class']:<26} {cells}")
-    notes = [f"- {row['model_type']} / {n}: {s['status']}: {s['reason']}"
-             for row in rows for n, s in row["backends"].items() if s["reason"]]
+    notes = [
+        f"- {row['model_type']} / {n}: {s['status']}: {s['reason']}"
+        for row in rows
+        for n, s in row["backends"].items()
+        if s["reason"]
+    ]
     if notes:
         print("\nnotes:\n" + "\n".join(notes))
-    print(f"\n{len(rows)} model types ({len(REGISTRY)} registered, {len(DECLARED_UNSUPPORTED)} declared unsupported), "
-          f"{len(backends)} backends")
+    print(
+        f"\n{len(rows)} model types ({len(REGISTRY)} registered, {len(DECLARED_UNSUPPORTED)} declared unsupported), "
+        f"{len(backends)} backends"
+    )
     return EXIT_OK
 
 
@@ -110,9 +131,14 @@ def _check(args: argparse.Namespace, program: str) -> int:
         resolve_backend(name)
     checks = tuple(args.check or (*CHECKS, *PARTITION_CHECKS))
     sel = Selection(
-        archs=archs, backends=tuple(args.backend), dtypes=tuple(args.dtype), device=args.device,
-        cases=tuple(args.case or (*CASE_NAMES, STEPS_CASE)), checks=tuple(c for c in checks if c != "config"),
-        seed=args.seed, program=program,
+        archs=archs,
+        backends=tuple(args.backend),
+        dtypes=tuple(args.dtype),
+        device=args.device,
+        cases=tuple(args.case or (*CASE_NAMES, STEPS_CASE)),
+        checks=tuple(c for c in checks if c != "config"),
+        seed=args.seed,
+        program=program,
     )
     records: list[CheckResult] = []
     start = time.perf_counter()

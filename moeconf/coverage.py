@@ -186,12 +186,7 @@ def discover_moe_model_types() -> dict[str, str]:
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     folders = moe_folders()
-    owner = {
-        cls: folder
-        for folder in folders
-        for ev in scan_modeling_sources()[folder]
-        for cls in ev.defined
-    }
+    owner = {cls: folder for folder in folders for ev in scan_modeling_sources()[folder] for cls in ev.defined}
     found: dict[str, str] = {}
     for model_type in CONFIG_MAPPING_NAMES:
         folder = model_type_to_module_name(model_type)

@@ -84,8 +84,13 @@ ALL_OF_GROUP = frozenset({"q_lora_rank", "qk_rope_head_dim"})
 
 EXPERT_INTERMEDIATE = ("moe_intermediate_size", "expert_ffn_hidden_size", "ffn_hidden_size", "d_ff")
 LAYER_FIELDS = ("num_hidden_layers", "n_layers", "num_layers")
-SCALING_FIELDS = ("routed_scaling_factor", "router_scaling_factor", "moe_routed_scaling_factor",
-                  "moe_router_scaling_factor", "route_scale")
+SCALING_FIELDS = (
+    "routed_scaling_factor",
+    "router_scaling_factor",
+    "moe_routed_scaling_factor",
+    "moe_router_scaling_factor",
+    "route_scale",
+)
 """Routed scaling factor λ; set to a non-trivial value so that candidates with and without it differ."""
 TINY_SCALING = 2.5
 TOPK_FIELDS = SIZE_FIELDS[7][0]
@@ -199,9 +204,13 @@ def _model_class_names(model_type: str) -> list[str]:
     from transformers.models.auto import modeling_auto as auto
 
     names: list[str] = []
-    for mapping in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-                    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-                    "MODEL_MAPPING_NAMES"):
+    for mapping in (
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+        "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+        "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+        "MODEL_MAPPING_NAMES",
+    ):
         value = getattr(auto, mapping, {}).get(model_type)
         for name in value if isinstance(value, tuple) else (value,):
             if name and name not in names:
@@ -220,9 +229,14 @@ def _models_of_config(model_type: str, config_cls: type) -> list[str]:
         module = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
     except ImportError:
         return []
-    names = [name for name, obj in vars(module).items()
-             if isinstance(obj, type) and getattr(obj, "config_class", None) is config_cls and "PreTrained" not in name
-             and getattr(transformers, name, None) is obj]
+    names = [
+        name
+        for name, obj in vars(module).items()
+        if isinstance(obj, type)
+        and getattr(obj, "config_class", None) is config_cls
+        and "PreTrained" not in name
+        and getattr(transformers, name, None) is obj
+    ]
     return sorted(names, key=lambda n: (not n.endswith("ForCausalLM"), not n.endswith("Model"), n))
 
 
@@ -272,8 +286,9 @@ def locate(model_type: str, config_kwargs: Mapping[str, Any] | None = None) -> t
     raise EntryError(f"{model_type}: no MoE block found in a tiny model; attempts: " + " | ".join(log[-6:]))
 
 
-def _site_in_model(model_type: str, config_cls: type, config: Any, kwargs: dict[str, Any], log: list[str],
-                   transformers: Any) -> Site | None:
+def _site_in_model(
+    model_type: str, config_cls: type, config: Any, kwargs: dict[str, Any], log: list[str], transformers: Any
+) -> Site | None:
     for model_name in _model_class_names(model_type) + _models_of_config(model_type, config_cls):
         model_cls = getattr(transformers, model_name, None)
         if model_cls is None:
@@ -300,8 +315,13 @@ def _site_in_model(model_type: str, config_cls: type, config: Any, kwargs: dict[
             continue
         attr, init = sub
         return Site(
-            config_class=config_cls.__name__, config_kwargs=kwargs, model_class=model_name, block_path=path,
-            block_class=type(block).__name__, modeling_module=type(block).__module__, block_config_attr=attr,
+            config_class=config_cls.__name__,
+            config_kwargs=kwargs,
+            model_class=model_name,
+            block_path=path,
+            block_class=type(block).__name__,
+            modeling_module=type(block).__module__,
+            block_config_attr=attr,
             block_init=init,
         )
     return None
@@ -343,15 +363,24 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 
 # --- 3. read the block --------------------------------------------------------------------------------
 
+
 def _probe_entry(site: Site, spec: MoESpec | None = None, params: tuple[Binding, ...] = (), **kw: Any) -> ArchEntry:
     """An ``ArchEntry`` for ``site`` (a dummy spec until the real one is known)."""
     return ArchEntry(
-        model_type=kw.pop("model_type", "discovered"), config_class=site.config_class, config_kwargs=site.config_kwargs,
-        modeling_module=site.modeling_module, block_class=site.block_class, block_path=site.block_path,
-        model_class=site.model_class, spec=spec or MoESpec(2, 1, 2, 2), params=params,
-        router_path=kw.pop("router_path", ""), experts_path=kw.pop("experts_path", ""),
+        model_type=kw.pop("model_type", "discovered"),
+        config_class=site.config_class,
+        config_kwargs=site.config_kwargs,
+        modeling_module=site.modeling_module,
+        block_class=site.block_class,
+        block_path=site.block_path,
+        model_class=site.model_class,
+        spec=spec or MoESpec(2, 1, 2, 2),
+        params=params,
+        router_path=kw.pop("router_path", ""),
+        experts_path=kw.pop("experts_path", ""),
         block_init=site.block_init,  # type: ignore[arg-type]
-        block_config_attr=site.block_config_attr, **kw,
+        block_config_attr=site.block_config_attr,
+        **kw,
     )
 
 
@@ -388,11 +417,27 @@ class BlockFacts:
     experts_source: str
 
 
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-               "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
-ACT_CLASSES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "GELU": "gelu",
-               "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-               "ReLU": "relu", "ReLUSquaredActivation": "relu2"}
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "relu2": "relu2",
+}
+ACT_CLASSES = {
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELUActivation": "gelu",
+    "GELU": "gelu",
+    "PytorchGELUTanh": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
+}
 
 
 def _activation_of(module: nn.Module | None, config: Any) -> str | None:
@@ -426,20 +471,38 @@ def read_block(site: Site) -> tuple[nn.Module, BlockFacts, Any]:
         raise EntryError(f"{site.block_class}: router {router_path} has {len(router_2d)} 2-D weights (expected 1)")
     router_weight, weight = router_2d[0]
     rows, hidden = weight.shape
-    router_bias = next((f"{router_path}.{n}" for n, p in router.named_parameters()
-                        if p.dim() == 1 and p.requires_grad and p.shape[0] == rows), None)
+    router_bias = next(
+        (
+            f"{router_path}.{n}"
+            for n, p in router.named_parameters()
+            if p.dim() == 1 and p.requires_grad and p.shape[0] == rows
+        ),
+        None,
+    )
     selection_bias = _selection_bias(block, rows, router_bias)
     experts = block.get_submodule(experts_path)
     top_k = _config_int(config, TOPK_FIELDS) or 1
 
-    index, logits_index, routing_from = _observe_router(block, probe, router_path, experts_path, weight, router_bias, hidden)
+    index, logits_index, routing_from = _observe_router(
+        block, probe, router_path, experts_path, weight, router_bias, hidden
+    )
     if index is not None:
         top_k = index.shape[-1]
     facts = BlockFacts(
-        router_path=router_path, experts_path=experts_path, router_weight=router_weight, router_bias=router_bias,
-        selection_bias=selection_bias, hidden=hidden, num_experts=rows, top_k=top_k,
-        router_logits_index=logits_index, routing_from=routing_from, decorated=hasattr(experts, "is_concatenated"),
-        mlp=mlp_hints(experts, config), source=_source(type(router)) + "\n" + _source(type(block)), experts_source=_source(type(experts)),
+        router_path=router_path,
+        experts_path=experts_path,
+        router_weight=router_weight,
+        router_bias=router_bias,
+        selection_bias=selection_bias,
+        hidden=hidden,
+        num_experts=rows,
+        top_k=top_k,
+        router_logits_index=logits_index,
+        routing_from=routing_from,
+        decorated=hasattr(experts, "is_concatenated"),
+        mlp=mlp_hints(experts, config),
+        source=_source(type(router)) + "\n" + _source(type(block)),
+        experts_source=_source(type(experts)),
     )
     return block, facts, config
 
@@ -473,8 +536,15 @@ def _selection_bias(block: nn.Module, rows: int, router_bias: str | None) -> tup
     return None
 
 
-def _observe_router(block: nn.Module, probe: ArchEntry, router_path: str, experts_path: str, weight: torch.Tensor,
-                    router_bias: str | None, hidden: int) -> tuple[torch.Tensor | None, int | None, str]:
+def _observe_router(
+    block: nn.Module,
+    probe: ArchEntry,
+    router_path: str,
+    experts_path: str,
+    weight: torch.Tensor,
+    router_bias: str | None,
+    hidden: int,
+) -> tuple[torch.Tensor | None, int | None, str]:
     """One forward with hooks: which router output is ``x Wᵀ (+b)``, and what the experts receive."""
     entry = dataclasses.replace(probe, router_path=router_path, experts_path=experts_path)
     x = torch.randn(1, 4, hidden, generator=torch.Generator().manual_seed(0))
@@ -493,11 +563,17 @@ def _observe_router(block: nn.Module, probe: ArchEntry, router_path: str, expert
     logits_index: int | None = 0
     if isinstance(router_in, torch.Tensor):
         bias = block.get_parameter(router_bias) if router_bias else None
-        expected = torch.nn.functional.linear(router_in.reshape(-1, hidden).float(), weight.float(),
-                                              None if bias is None else bias.float())
+        expected = torch.nn.functional.linear(
+            router_in.reshape(-1, hidden).float(), weight.float(), None if bias is None else bias.float()
+        )
         outputs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, tuple) else []
-        matches = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor) and o.shape[-1] == expected.shape[-1]
-                   and torch.allclose(o.reshape(expected.shape).float(), expected, atol=1e-5, rtol=1e-4)]
+        matches = [
+            i
+            for i, o in enumerate(outputs)
+            if isinstance(o, torch.Tensor)
+            and o.shape[-1] == expected.shape[-1]
+            and torch.allclose(o.reshape(expected.shape).float(), expected, atol=1e-5, rtol=1e-4)
+        ]
         if matches:
             logits_index = None if isinstance(out, torch.Tensor) else matches[0]
     args = list(rec.experts_args) + list(rec.experts_kwargs.values())
@@ -507,6 +583,7 @@ def _observe_router(block: nn.Module, probe: ArchEntry, router_path: str, expert
 
 
 # --- expert, shared and extra bindings ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Form:
@@ -539,7 +616,7 @@ def expert_forms(block: nn.Module, facts: BlockFacts) -> tuple[list[Form], int, 
     tensors = {n: p for n, p in block.named_parameters() if n.startswith(prefix) and p.requires_grad}
     roles: dict[str, tuple[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        role = _role(name[len(prefix):])
+        role = _role(name[len(prefix) :])
         if role is None:
             return [], 0, f"expert parameter {name} has no recognisable role"
         key = role + ("_bias" if "bias" in name.rsplit(".", 1)[-1] else "")
@@ -558,10 +635,24 @@ def expert_forms(block: nn.Module, facts: BlockFacts) -> tuple[list[Form], int, 
     if "gate_up" in roles:
         name, t = roles["gate_up"]
         if tuple(t.shape) == (E, 2 * inter, H):
-            forms.append(("fused rows [E,2I,H]", [Binding(name, ("experts.w_gate", "experts.w_up"), "gate_up_rows")], "gated"))
+            forms.append(
+                ("fused rows [E,2I,H]", [Binding(name, ("experts.w_gate", "experts.w_up"), "gate_up_rows")], "gated")
+            )
         elif tuple(t.shape) == (E, H, 2 * inter):
-            forms.append(("fused transposed [E,H,2I]", [Binding(name, ("experts.w_gate", "experts.w_up"), "gate_up_cols")], "gated"))
-            forms.append(("fused transposed interleaved", [Binding(name, ("experts.w_gate", "experts.w_up"), "gate_up_cols_interleaved")], "gated"))
+            forms.append(
+                (
+                    "fused transposed [E,H,2I]",
+                    [Binding(name, ("experts.w_gate", "experts.w_up"), "gate_up_cols")],
+                    "gated",
+                )
+            )
+            forms.append(
+                (
+                    "fused transposed interleaved",
+                    [Binding(name, ("experts.w_gate", "experts.w_up"), "gate_up_cols_interleaved")],
+                    "gated",
+                )
+            )
         else:
             return [], 0, f"gate_up {name} {tuple(t.shape)} does not fit E={E}, H={H}, I={inter}"
     elif "up" in roles:
@@ -587,8 +678,9 @@ def expert_forms(block: nn.Module, facts: BlockFacts) -> tuple[list[Form], int, 
             continue
         for mlp_label, mlp in mlp_forms(facts.mlp, gated == "gated"):
             spec = {**mlp, "bias": bool(biases), "intermediate": inter}
-            result.append(Form(f"{label}, {mlp_label}" + (", biases" if biases else ""),
-                               tuple(parts + bindings + biases), spec))
+            result.append(
+                Form(f"{label}, {mlp_label}" + (", biases" if biases else ""), tuple(parts + bindings + biases), spec)
+            )
     if not result:
         return [], inter, bias_ok
     return result, inter, None
@@ -618,6 +710,7 @@ def _layout_of(t: torch.Tensor, E: int, H: int, inter: int, role: str) -> str | 
 
 def _bias_bindings(roles: dict[str, tuple[str, torch.Tensor]], E: int, H: int, inter: int) -> tuple[Any, str]:
     """A function ``interleaved -> bindings | None`` for the expert biases, and why they may not bind."""
+
     def make(interleaved: bool) -> list[Binding] | None:
         out: list[Binding] = []
         if "gate_up_bias" in roles:
@@ -632,6 +725,7 @@ def _bias_bindings(roles: dict[str, tuple[str, torch.Tensor]], E: int, H: int, i
         if "down_bias" in roles:
             out.append(Binding(roles["down_bias"][0], ("experts.b_down",)))
         return out
+
     return make, "expert biases in a layout moeconf has no binding for"
 
 
@@ -644,11 +738,16 @@ def mlp_hints(module: nn.Module, config: Any) -> MlpHints:
     fields = config_fields(type(config))
     gate_cap = next((n for n in fields if "softcap" in n and "gate" in n), None)
     up_cap = next((n for n in fields if "softcap" in n and "up" in n.replace("softcap", "")), None)
-    caps = (_number(getattr(config, gate_cap, None)), _number(getattr(config, up_cap, None))) if gate_cap and up_cap else None
+    caps = (
+        (_number(getattr(config, gate_cap, None)), _number(getattr(config, up_cap, None)))
+        if gate_cap and up_cap
+        else None
+    )
     return MlpHints(
         activation=_activation_of(module, config),
-        limit=_number(getattr(module, "limit", None), getattr(module, "swiglu_limit", None),
-                      getattr(config, "swiglu_limit", None)),
+        limit=_number(
+            getattr(module, "limit", None), getattr(module, "swiglu_limit", None), getattr(config, "swiglu_limit", None)
+        ),
         alpha=_number(getattr(module, "alpha", None), getattr(config, "swiglu_alpha", None)),
         softcaps=caps if caps and all(c for c in caps) else None,  # type: ignore[arg-type]
     )
@@ -657,20 +756,32 @@ def mlp_hints(module: nn.Module, config: Any) -> MlpHints:
 def mlp_forms(hints: MlpHints, gated: bool) -> list[tuple[str, dict[str, Any]]]:
     """``(label, ExpertSpec fields)`` for every MLP form the hints allow: the activation(s) for a plain
     (Swi)GLU or non-gated MLP, plus clamped / GPT-OSS / soft-capped forms where the constants exist."""
-    acts = list(dict.fromkeys(([hints.activation] if hints.activation else []) + (["relu2"] if not gated else []) + ["silu"]))
+    acts = list(
+        dict.fromkeys(([hints.activation] if hints.activation else []) + (["relu2"] if not gated else []) + ["silu"])
+    )
     if not gated:
         return [(f"non-gated {a}", {"glu": "none", "activation": a}) for a in acts]
     forms: list[tuple[str, dict[str, Any]]] = [(f"swiglu({a})", {"glu": "swiglu", "activation": a}) for a in acts]
     if hints.limit is not None:
         for glu in ("clamped_swiglu", "clamped_after_act"):
-            forms += [(f"{glu}({a}, L={hints.limit:g})", {"glu": glu, "activation": a, "gptoss_limit": hints.limit})
-                      for a in acts]
-        forms.append((f"gptoss_clamped(L={hints.limit:g})",  # its activation is the formula's own
-                      {"glu": "gptoss_clamped", "gptoss_limit": hints.limit, "gptoss_alpha": hints.alpha or 1.702}))
+            forms += [
+                (f"{glu}({a}, L={hints.limit:g})", {"glu": glu, "activation": a, "gptoss_limit": hints.limit})
+                for a in acts
+            ]
+        forms.append(
+            (
+                f"gptoss_clamped(L={hints.limit:g})",  # its activation is the formula's own
+                {"glu": "gptoss_clamped", "gptoss_limit": hints.limit, "gptoss_alpha": hints.alpha or 1.702},
+            )
+        )
     if hints.softcaps is not None:
         gate_cap, up_cap = hints.softcaps
-        forms.append((f"softcapped_swiglu({gate_cap:g}, {up_cap:g})",
-                      {"glu": "softcapped_swiglu", "softcap_gate": gate_cap, "softcap_up": up_cap}))
+        forms.append(
+            (
+                f"softcapped_swiglu({gate_cap:g}, {up_cap:g})",
+                {"glu": "softcapped_swiglu", "softcap_gate": gate_cap, "softcap_up": up_cap},
+            )
+        )
     return forms
 
 
@@ -693,7 +804,9 @@ def _shared_projections(name: str, module: nn.Module, hidden: int) -> tuple[tupl
         gated = True
     elif _linear_weight(module, "up_proj") is not None:
         gated = _linear_weight(module, "gate_proj") is not None
-        binds = tuple(Binding(f"{name}.{p}_proj.weight", (f"shared.w_{p}",)) for p in (("gate", "up") if gated else ("up",)))
+        binds = tuple(
+            Binding(f"{name}.{p}_proj.weight", (f"shared.w_{p}",)) for p in (("gate", "up") if gated else ("up",))
+        )
     else:
         return None
     return binds + (Binding(f"{name}.down_proj.weight", ("shared.w_down",)),), width, gated
@@ -703,8 +816,11 @@ def shared_forms(block: nn.Module, facts: BlockFacts, config: Any) -> tuple[list
     """Shared-expert readings: none, or an MLP (plain / clamped / non-gated ..., ungated or sigmoid-gated
     by a ``[1, H]`` weight), combined by sum or average."""
     children = [(n, c) for n, c in block.named_children() if SHARED_NAME.search(n) and not isinstance(c, nn.Linear)]
-    gate = [(n, p) for n, p in block.named_parameters()
-            if SHARED_NAME.search(n) and "gate" in n.split(".")[0] and tuple(p.shape) == (1, facts.hidden)]
+    gate = [
+        (n, p)
+        for n, p in block.named_parameters()
+        if SHARED_NAME.search(n) and "gate" in n.split(".")[0] and tuple(p.shape) == (1, facts.hidden)
+    ]
     if not children:
         return [Form("none", (), {"shared": None})], None
     name, module = children[0]
@@ -724,8 +840,13 @@ def shared_forms(block: nn.Module, facts: BlockFacts, config: Any) -> tuple[list
         for combine in ("sum", "average"):
             # A plain SwiGLU is written with the ``activation`` shorthand; other forms need ``mlp``.
             plain = mlp["glu"] == "swiglu"
-            shared = SharedSpec(width, gate=gate_kind, activation=mlp["activation"] if plain else "silu",  # type: ignore[arg-type]
-                                combine=combine, mlp=None if plain else ExpertSpec(**mlp))  # type: ignore[arg-type]
+            shared = SharedSpec(
+                width,
+                gate=gate_kind,
+                activation=mlp["activation"] if plain else "silu",  # type: ignore[arg-type]
+                combine=combine,
+                mlp=None if plain else ExpertSpec(**mlp),
+            )  # type: ignore[arg-type]
             forms.append(Form(f"{label} {mlp_label}, {combine}", bindings, {"shared": shared}))
     return forms, None
 
@@ -742,7 +863,10 @@ def extra_forms(block: nn.Module, facts: BlockFacts, config: Any) -> tuple[Form,
         if not params:
             continue
         if "norm" in name.lower() and len(params) == 1 and tuple(params[0][1].shape) == (facts.hidden,):
-            eps = next((getattr(child, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(child, a, None), float)), 1e-6)
+            eps = next(
+                (getattr(child, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(child, a, None), float)),
+                1e-6,
+            )
             extra.append(Binding(f"{name}.{params[0][0]}", ("output_norm.weight",)))
             spec["output_norm_eps"] = eps
             continue
@@ -753,6 +877,7 @@ def extra_forms(block: nn.Module, facts: BlockFacts, config: Any) -> tuple[Form,
 
 
 # --- 4. router candidates -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RouterCandidate:
@@ -769,33 +894,59 @@ def router_candidates(facts: BlockFacts, config: Any) -> list[RouterCandidate]:
     """§4 R1-R6 (+ Llama-4, Kolibri) with the options the block and config allow."""
     biased = facts.selection_bias is not None
     base: dict[str, Any] = {"logit_bias": facts.router_bias is not None, "selection_bias": biased}
-    softcap = next((float(getattr(config, n)) for n in config_fields(type(config))
-                    if "softcap" in n and "router" in n and isinstance(getattr(config, n, None), (int, float))), None)
+    softcap = next(
+        (
+            float(getattr(config, n))
+            for n in config_fields(type(config))
+            if "softcap" in n and "router" in n and isinstance(getattr(config, n, None), (int, float))
+        ),
+        None,
+    )
     if softcap:  # 0 / None: no soft-capping
         base["logit_softcap"] = softcap
     families: list[tuple[str, dict[str, Any]]] = []
     for scoring in ("softmax", "sigmoid", "sqrtsoftplus"):
         for renorm in ("never", "always"):
             eps = 0.0 if scoring == "softmax" else 1e-20
-            families.append((f"{scoring}{'+bias' if biased else ''}→top-k{'→renorm' if renorm == 'always' else ''}",
-                             {"scoring": scoring, "renorm": renorm, "renorm_eps": eps if renorm == "always" else 0.0}))
+            families.append(
+                (
+                    f"{scoring}{'+bias' if biased else ''}→top-k{'→renorm' if renorm == 'always' else ''}",
+                    {"scoring": scoring, "renorm": renorm, "renorm_eps": eps if renorm == "always" else 0.0},
+                )
+            )
     p = _config_value(config, ("moe_normalize_expert_weights",)) or _config_value(
-        getattr(config, "ffn_config", None), ("moe_normalize_expert_weights",))
+        getattr(config, "ffn_config", None), ("moe_normalize_expert_weights",)
+    )
     if isinstance(p, (int, float)) and p not in (1, 1.0):
         families.append((f"softmax→top-k→{p}-norm", {"scoring": "softmax", "renorm": "pnorm", "renorm_p": float(p)}))
-    families.append(("top-k(logits)→softmax",
-                     {"scoring": "softmax", "select_on": "logits", "weight_from": "softmax_of_selected_logits"}))
+    families.append(
+        (
+            "top-k(logits)→softmax",
+            {"scoring": "softmax", "select_on": "logits", "weight_from": "softmax_of_selected_logits"},
+        )
+    )
     for renorm in ("never", "always"):
-        families.append((f"top-k(logits{'+bias' if biased else ''})→sigmoid{'→renorm' if renorm == 'always' else ''}",
-                         {"scoring": "sigmoid", "select_on": "logits", "weight_from": "sigmoid_of_selected_logits",
-                          "renorm": renorm}))
+        families.append(
+            (
+                f"top-k(logits{'+bias' if biased else ''})→sigmoid{'→renorm' if renorm == 'always' else ''}",
+                {
+                    "scoring": "sigmoid",
+                    "select_on": "logits",
+                    "weight_from": "sigmoid_of_selected_logits",
+                    "renorm": renorm,
+                },
+            )
+        )
 
     groups: list[GroupLimit | None] = [None]
     n_group = _config_int(config, GROUP_FIELDS[0]) or 0
     topk_group = _config_int(config, GROUP_FIELDS[1]) or 0
     if n_group > 1 and facts.num_experts % n_group == 0 and 0 < topk_group <= n_group:
-        groups += [GroupLimit(n_group, topk_group, score, fill)  # type: ignore[arg-type]
-                   for score in ("top2sum", "max") for fill in ("-inf", "zero")]
+        groups += [
+            GroupLimit(n_group, topk_group, score, fill)  # type: ignore[arg-type]
+            for score in ("top2sum", "max")
+            for fill in ("-inf", "zero")
+        ]
     scale = _config_value(config, SCALING_FIELDS)
     scalings = [(1.0, "weights")]
     if isinstance(scale, (int, float)) and float(scale) != 1.0:
@@ -806,7 +957,9 @@ def router_candidates(facts: BlockFacts, config: Any) -> list[RouterCandidate]:
         for group in groups if kwargs.get("select_on", "scores") == "scores" else [None]:
             for scaling, site in scalings:
                 spec = RouterSpec(**{**base, **kwargs}, group_limit=group, routed_scaling=scaling, scaling_site=site)  # type: ignore[arg-type]
-                text = label + (f", groups {group.n_group}/{group.topk_group} {group.score} fill {group.fill}" if group else "")
+                text = label + (
+                    f", groups {group.n_group}/{group.topk_group} {group.score} fill {group.fill}" if group else ""
+                )
                 text += f", λ={scaling:g}@{site}" if scaling != 1.0 else ""
                 out.append(RouterCandidate(text, spec))
                 if facts.routing_from == "router_dense_scores":
@@ -814,8 +967,13 @@ def router_candidates(facts: BlockFacts, config: Any) -> list[RouterCandidate]:
     # OpenAI privacy filter: top-k(logits)→softmax weights divided by k, routed output multiplied by k.
     k = facts.top_k
     if k > 1:
-        spec = RouterSpec(**base, select_on="logits", weight_from="softmax_of_selected_logits", routed_scaling=1 / k,
-                          output_scale=float(k))
+        spec = RouterSpec(
+            **base,
+            select_on="logits",
+            weight_from="softmax_of_selected_logits",
+            routed_scaling=1 / k,
+            output_scale=float(k),
+        )
         out.append(RouterCandidate(f"top-k(logits)→softmax, weights/{k}, output×{k}", spec))
     return out
 
@@ -826,7 +984,9 @@ def source_affinity(candidate: RouterCandidate, glu: str, facts: BlockFacts) -> 
     fill value; clamp forms)."""
     src, score = facts.source, 0
     subjects = re.findall(r"topk\(\s*([^,]+?)\s*,", src) + re.findall(r"([\w\.\]\[]+)\s*\.topk\(", src)
-    logit_topk = any(re.search(r"logit", s) and not re.search(r"prob|score|sigmoid|softmax|weight|bias", s) for s in subjects)
+    logit_topk = any(
+        re.search(r"logit", s) and not re.search(r"prob|score|sigmoid|softmax|weight|bias", s) for s in subjects
+    )
     r = candidate.spec
     score += 1 if (r.select_on == "logits") == logit_topk else 0
     if r.group_limit is not None:
@@ -843,10 +1003,16 @@ def source_affinity(candidate: RouterCandidate, glu: str, facts: BlockFacts) -> 
 
 def _simplicity(candidate: RouterCandidate) -> int:
     r = candidate.spec
-    return -(r.renorm != "never") - (r.group_limit is not None) - (r.routed_scaling != 1.0) - (candidate.weight_site != "output")
+    return (
+        -(r.renorm != "never")
+        - (r.group_limit is not None)
+        - (r.routed_scaling != 1.0)
+        - (candidate.weight_site != "output")
+    )
 
 
 # --- 5. evaluation ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -940,8 +1106,11 @@ def _run_block(entry: ArchEntry, params: Params, hidden: torch.Tensor) -> _Obser
             out = block(hidden.to(torch.float32))
         out = (out[0] if isinstance(out, tuple) else out).reshape(hidden.shape)
         index, weights = rec.routing(entry)
-        return _Observed(out.double(), None if index is None else index.detach().long(),
-                         None if weights is None else weights.detach().double())
+        return _Observed(
+            out.double(),
+            None if index is None else index.detach().long(),
+            None if weights is None else weights.detach().double(),
+        )
     except Exception as exc:  # a candidate whose bindings do not fit: report, keep going
         return _Observed(torch.empty(0), None, None, f"{type(exc).__name__}: {_short(exc, 300)}")
 
@@ -952,7 +1121,9 @@ def _normalised_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max()) / max(1.0, float(expected.abs().max()))
 
 
-def _evaluate(entry: ArchEntry, observed: _Observed, params: Params, pool: torch.Tensor, routing_only: bool) -> tuple[int | None, float | None, float | None, bool, str]:
+def _evaluate(
+    entry: ArchEntry, observed: _Observed, params: Params, pool: torch.Tensor, routing_only: bool
+) -> tuple[int | None, float | None, float | None, bool, str]:
     """Compare one candidate with the block's observation on the tokens it routes with a margin."""
     if observed.error:
         return None, None, None, False, observed.error
@@ -1000,6 +1171,7 @@ def _evaluate(entry: ArchEntry, observed: _Observed, params: Params, pool: torch
 
 # --- 6. discover --------------------------------------------------------------------------------------
 
+
 def _losses(site: Site) -> tuple[LossSpec, str | None]:
     """Aux loss iff the modeling module calls its ``load_balancing_loss_func``; the coefficient attribute
     from the source (``config.router_aux_loss_coef``, ``config.ffn_config.moe_loss_weight`` ...)."""
@@ -1020,8 +1192,9 @@ def _pool(hidden: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*POOL_SHAPE, hidden, generator=gen, dtype=torch.float64).to(torch.float32).to(torch.float64)
 
 
-def discover(model_type: str, config_kwargs: Mapping[str, Any] | None = None, verify: bool = True,
-             seed: int = 0) -> DiscoveryResult:
+def discover(
+    model_type: str, config_kwargs: Mapping[str, Any] | None = None, verify: bool = True, seed: int = 0
+) -> DiscoveryResult:
     """Find the spec and bindings of ``model_type``'s MoE block by trying candidates against it.
 
     Args:
@@ -1062,15 +1235,25 @@ def discover(model_type: str, config_kwargs: Mapping[str, Any] | None = None, ve
     def make(router: RouterCandidate, expert: Form, shared_form: Form) -> ArchEntry:
         ex = expert.spec
         spec = MoESpec(
-            facts.num_experts, facts.top_k, facts.hidden, ex["intermediate"], router=router.spec,
-            experts=ExpertSpec(**{k: v for k, v in ex.items() if k != "intermediate"},
-                               weight_site=router.weight_site),  # type: ignore[arg-type]
-            shared=shared_form.spec["shared"], losses=losses, **extra.spec,
+            facts.num_experts,
+            facts.top_k,
+            facts.hidden,
+            ex["intermediate"],
+            router=router.spec,
+            experts=ExpertSpec(**{k: v for k, v in ex.items() if k != "intermediate"}, weight_site=router.weight_site),  # type: ignore[arg-type]
+            shared=shared_form.spec["shared"],
+            losses=losses,
+            **extra.spec,
         )
         return _probe_entry(
-            site, spec, base_bindings + expert.bindings + shared_form.bindings + extra.bindings,
-            model_type=model_type, router_path=facts.router_path, experts_path=facts.experts_path,
-            router_logits_index=facts.router_logits_index, routing_from=facts.routing_from,
+            site,
+            spec,
+            base_bindings + expert.bindings + shared_form.bindings + extra.bindings,
+            model_type=model_type,
+            router_path=facts.router_path,
+            experts_path=facts.experts_path,
+            router_logits_index=facts.router_logits_index,
+            routing_from=facts.routing_from,
             aux_coef_attr=aux_attr if losses.aux != "none" else None,
             experts_implementations=("eager", "grouped_mm", "batched_mm") if facts.decorated else ("eager",),
         )
@@ -1088,24 +1271,40 @@ def discover(model_type: str, config_kwargs: Mapping[str, Any] | None = None, ve
         try:
             entry = make(router, expert, shared_form)
         except ValueError as exc:
-            return Candidate(router.label, expert.label, shared_form.label, None, None, None, None, False, message=str(exc))
+            return Candidate(
+                router.label, expert.label, shared_form.label, None, None, None, None, False, message=str(exc)
+            )
         observed, params = observe(entry)
         mismatch, w_err, o_err, ok, message = _evaluate(entry, observed, params, pool, routing_only)
-        return Candidate(router.label, expert.label, shared_form.label, entry, mismatch, w_err, o_err, ok and not routing_only,
-                         source_affinity(router, expert.spec["glu"], facts), _simplicity(router), message)
+        return Candidate(
+            router.label,
+            expert.label,
+            shared_form.label,
+            entry,
+            mismatch,
+            w_err,
+            o_err,
+            ok and not routing_only,
+            source_affinity(router, expert.spec["glu"], facts),
+            _simplicity(router),
+            message,
+        )
 
     # Stage 1: routing (index sets and weights) alone decides among router families.
     stage1 = [evaluate(r, experts[0], shared[0], routing_only=True) for r in routers]
     routed = [r for r, c in zip(routers, stage1) if c.entry is not None and c.routing_mismatch == 0 and not c.message]
     if not routed:  # routing unobservable or nothing routes alike: the outputs of the first form decide
-        by_output = sorted(zip(routers, (evaluate(r, experts[0], shared[0], routing_only=False) for r in routers)),
-                           key=lambda rc: rc[1].rank_key())
+        by_output = sorted(
+            zip(routers, (evaluate(r, experts[0], shared[0], routing_only=False) for r in routers)),
+            key=lambda rc: rc[1].rank_key(),
+        )
         routed = [r for r, _ in by_output[:3]]
     # Stage 2: every expert and shared form for the router families that route alike.
     stage2 = [evaluate(r, e, s, routing_only=False) for r in routed for e in experts for s in shared]
     tried = {(c.router, c.experts, c.shared) for c in stage2}
-    candidates = sorted(stage2 + [c for c in stage1 if (c.router, c.experts, c.shared) not in tried],
-                        key=lambda c: c.rank_key())
+    candidates = sorted(
+        stage2 + [c for c in stage1 if (c.router, c.experts, c.shared) not in tried], key=lambda c: c.rank_key()
+    )
     result.candidates = candidates
     best = candidates[0] if candidates and candidates[0].matched else None
     result.best = best
@@ -1124,12 +1323,16 @@ def _no_match(model_type: str, candidates: Sequence[Candidate], problems: Sequen
     closest = candidates[0] if candidates else None
     lines = [f"no candidate reproduces the {model_type} block within the fp32 tolerances."]
     if closest is not None:
-        lines.append(f"closest: {closest.name} (max error {closest.max_error:.3g}"
-                     + (f", {closest.routing_mismatch} tokens routed differently" if closest.routing_mismatch else "")
-                     + f"): {closest.message}")
-    lines.append("The block may compute something the spec cannot express yet (a new router family, expert "
-                 "activation, identity experts, per-expert scales, extra forward inputs): add the field to "
-                 "moeconf/spec.py and its formula to moeconf/reference/, then retry.")
+        lines.append(
+            f"closest: {closest.name} (max error {closest.max_error:.3g}"
+            + (f", {closest.routing_mismatch} tokens routed differently" if closest.routing_mismatch else "")
+            + f"): {closest.message}"
+        )
+    lines.append(
+        "The block may compute something the spec cannot express yet (a new router family, expert "
+        "activation, identity experts, per-expert scales, extra forward inputs): add the field to "
+        "moeconf/spec.py and its formula to moeconf/reference/, then retry."
+    )
     lines += problems
     return "\n".join(lines)
 
@@ -1153,14 +1356,18 @@ def verify_entry(entry: ArchEntry) -> list[Any]:
 
 # --- 7. output ----------------------------------------------------------------------------------------
 
+
 def _value_source(value: Any, indent: int = 0) -> str:
     """Python source for a spec value: dataclasses with their non-default fields only."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         args = []
         for f in dataclasses.fields(value):
             v = getattr(value, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)  # type: ignore[misc]
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            )  # type: ignore[misc]
             if default is dataclasses.MISSING or v != default:
                 args.append(f"{f.name}={_value_source(v)}")
         return f"{type(value).__name__}({', '.join(args)})"
@@ -1187,8 +1394,14 @@ def entry_source(entry: ArchEntry) -> str:
         f"experts_path={entry.experts_path!r}",
     ]
     defaults = {f.name: f.default for f in dataclasses.fields(ArchEntry) if f.default is not dataclasses.MISSING}
-    for name in ("router_logits_index", "routing_from", "aux_coef_attr", "block_init", "block_config_attr",
-                 "experts_implementations"):
+    for name in (
+        "router_logits_index",
+        "routing_from",
+        "aux_coef_attr",
+        "block_init",
+        "block_config_attr",
+        "experts_implementations",
+    ):
         value = getattr(entry, name)
         if value != defaults.get(name):
             fields.append(f"{name}={value!r}")
@@ -1209,7 +1422,11 @@ def render_text(result: DiscoveryResult, limit: int = 15) -> str:
     if result.candidates:
         lines.append(f"\n{'#':>3}  {'match':<5} {'routing':<8} {'max err':>9}  candidate")
         for i, c in enumerate(result.candidates[:limit], 1):
-            routing = "-" if c.routing_mismatch is None else ("ok" if c.routing_mismatch == 0 else f"{c.routing_mismatch} off")
+            routing = (
+                "-"
+                if c.routing_mismatch is None
+                else ("ok" if c.routing_mismatch == 0 else f"{c.routing_mismatch} off")
+            )
             err = "-" if c.max_error == math.inf else f"{c.max_error:.2e}"
             lines.append(f"{i:>3}  {'yes' if c.matched else 'no':<5} {routing:<8} {err:>9}  {c.name}")
         if len(result.candidates) > limit:
@@ -1219,8 +1436,10 @@ def render_text(result: DiscoveryResult, limit: int = 15) -> str:
         lines.append(SOURCE_IMPORTS + "\n" + result.proposed_entry_source)
         if result.parity:
             bad = [r for r in result.parity if r.status in ("fail", "error")]
-            lines.append(f"\nparity (hf-eager, fp32, every case): {len(result.parity) - len(bad)}/{len(result.parity)} records pass"
-                         + "".join(f"\n  - {r.case}/{r.check}: {r.status}: {r.message}" for r in bad[:5]))
+            lines.append(
+                f"\nparity (hf-eager, fp32, every case): {len(result.parity) - len(bad)}/{len(result.parity)} records pass"
+                + "".join(f"\n  - {r.case}/{r.check}: {r.status}: {r.message}" for r in bad[:5])
+            )
     if result.explanation:
         lines.append("\n" + result.explanation)
     lines.append(f"\n({len(result.candidates)} candidates, {result.wall_s:.1f} s)")
@@ -1228,30 +1447,46 @@ def render_text(result: DiscoveryResult, limit: int = 15) -> str:
 
 
 def render_json(result: DiscoveryResult) -> str:
-    return json.dumps({
-        "model_type": result.model_type,
-        "ok": result.ok,
-        "block": dataclasses.asdict(result.site) if result.site else None,
-        "candidates": [
-            {"candidate": c.name, "matched": c.matched, "routing_mismatch": c.routing_mismatch,
-             "weights_error": c.weights_error, "output_error": c.output_error, "message": c.message}
-            for c in result.candidates
-        ],
-        "proposed_entry_source": result.proposed_entry_source,
-        "parity": [r.to_dict() for r in result.parity],
-        "explanation": result.explanation,
-        "wall_s": result.wall_s,
-    }, indent=1, default=str)
+    return json.dumps(
+        {
+            "model_type": result.model_type,
+            "ok": result.ok,
+            "block": dataclasses.asdict(result.site) if result.site else None,
+            "candidates": [
+                {
+                    "candidate": c.name,
+                    "matched": c.matched,
+                    "routing_mismatch": c.routing_mismatch,
+                    "weights_error": c.weights_error,
+                    "output_error": c.output_error,
+                    "message": c.message,
+                }
+                for c in result.candidates
+            ],
+            "proposed_entry_source": result.proposed_entry_source,
+            "parity": [r.to_dict() for r in result.parity],
+            "explanation": result.explanation,
+            "wall_s": result.wall_s,
+        },
+        indent=1,
+        default=str,
+    )
 
 
 def main_discover(argv: list[str]) -> int:
     """``moeconf discover MODEL_TYPE [--format text|json]``: 0 proposed, 1 nothing matches, 2 usage."""
-    parser = argparse.ArgumentParser(prog="moeconf discover",
-                                     description="Propose a registry entry for a transformers MoE model type.")
+    parser = argparse.ArgumentParser(
+        prog="moeconf discover", description="Propose a registry entry for a transformers MoE model type."
+    )
     parser.add_argument("model_type")
     parser.add_argument("--format", default="text", choices=("text", "json"))
-    parser.add_argument("--config-kwargs", type=json.loads, default=None, metavar="JSON",
-                        help="tiny config keyword arguments to use instead of the generic shrink")
+    parser.add_argument(
+        "--config-kwargs",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="tiny config keyword arguments to use instead of the generic shrink",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from transformers import CONFIG_MAPPING

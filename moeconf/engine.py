@@ -61,8 +61,24 @@ class Selection:
 
 def repro_command(sel: Selection, arch: str, backend: str, dtype: str, case: str, check: str) -> str:
     """A command line that reruns exactly one record."""
-    args = [*shlex.split(sel.program), "check", "--arch", arch, "--backend", backend, "--dtype", dtype, "--device", sel.device,
-            "--case", case, "--check", check, "--seed", str(sel.seed)]
+    args = [
+        *shlex.split(sel.program),
+        "check",
+        "--arch",
+        arch,
+        "--backend",
+        backend,
+        "--dtype",
+        dtype,
+        "--device",
+        sel.device,
+        "--case",
+        case,
+        "--check",
+        check,
+        "--seed",
+        str(sel.seed),
+    ]
     return shlex.join(args)
 
 
@@ -75,7 +91,12 @@ def _status(outcome: Outcome, expectation_status: str | None) -> Status:
 
 
 def _records(
-    sel: Selection, entry: ArchEntry, backend_name: str, dtype: str, case: Case, checks: Iterable[str],
+    sel: Selection,
+    entry: ArchEntry,
+    backend_name: str,
+    dtype: str,
+    case: Case,
+    checks: Iterable[str],
     outcome_of: Callable[[str], Outcome],
 ) -> list[CheckResult]:
     records = []
@@ -88,15 +109,31 @@ def _records(
             status = _status(outcome, expectation.status if expectation else None)
             if expectation is not None:
                 verdict = "failed as declared" if status == "xfail" else "passed, but is declared xfail"
-                outcome = Outcome(outcome.passed, outcome.max_abs_err, outcome.max_rel_err, outcome.tol,
-                                  f"{verdict}: {expectation.reason}. {outcome.message}".strip())
+                outcome = Outcome(
+                    outcome.passed,
+                    outcome.max_abs_err,
+                    outcome.max_rel_err,
+                    outcome.tol,
+                    f"{verdict}: {expectation.reason}. {outcome.message}".strip(),
+                )
         tol = outcome.tol
-        records.append(CheckResult(
-            arch=entry.model_type, backend=backend_name, dtype=dtype, device=sel.device, case=case.name, check=check,
-            status=status, max_abs_err=outcome.max_abs_err, max_rel_err=outcome.max_rel_err,
-            atol=tol.atol if tol else None, rtol=tol.rtol if tol else None, message=outcome.message,
-            repro=repro_command(sel, entry.model_type, backend_name, dtype, case.name, check),
-        ))
+        records.append(
+            CheckResult(
+                arch=entry.model_type,
+                backend=backend_name,
+                dtype=dtype,
+                device=sel.device,
+                case=case.name,
+                check=check,
+                status=status,
+                max_abs_err=outcome.max_abs_err,
+                max_rel_err=outcome.max_rel_err,
+                atol=tol.atol if tol else None,
+                rtol=tol.rtol if tol else None,
+                message=outcome.message,
+                repro=repro_command(sel, entry.model_type, backend_name, dtype, case.name, check),
+            )
+        )
     return records
 
 
@@ -111,20 +148,36 @@ def _failure(exc: BaseException) -> Outcome:
     return Outcome(False if getattr(exc, "status", "error") == "fail" else None, message=_one_line(exc))
 
 
-def _as_records(sel: Selection, entry: ArchEntry, name: str, dtype: str, case: Case, checks: list[str],
-                result: Observation | BaseException, check_input: Callable[[Observation], CheckInput]) -> list[CheckResult]:
+def _as_records(
+    sel: Selection,
+    entry: ArchEntry,
+    name: str,
+    dtype: str,
+    case: Case,
+    checks: list[str],
+    result: Observation | BaseException,
+    check_input: Callable[[Observation], CheckInput],
+) -> list[CheckResult]:
     if isinstance(result, BaseException):
         outcome = _failure(result)
         if outcome.passed is None:  # the backend broke: every record is an error
-            return [dataclasses.replace(r, status="error", message=f"backend raised {outcome.message}")
-                    for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))]
+            return [
+                dataclasses.replace(r, status="error", message=f"backend raised {outcome.message}")
+                for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))
+            ]
         return _records(sel, entry, name, dtype, case, checks, lambda _c: outcome)
     ci = check_input(result)
     return _records(sel, entry, name, dtype, case, checks, lambda c: CHECKS[c](ci))
 
 
-def _steps_records(sel: Selection, entry: ArchEntry, name: str, dtype: str, steps_ref: StepsReference,
-                   result: StepsObservation | BaseException | None) -> list[CheckResult]:
+def _steps_records(
+    sel: Selection,
+    entry: ArchEntry,
+    name: str,
+    dtype: str,
+    steps_ref: StepsReference,
+    result: StepsObservation | BaseException | None,
+) -> list[CheckResult]:
     checks = [c for c in PARTITION_CHECKS if c in sel.checks]
     case = Case(STEPS_CASE, 1, 1, "none", "adversarial multi-step routing")
     if isinstance(result, BaseException):
@@ -151,11 +204,15 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
             inputs = make_inputs(entry.spec, case, torch_dtype, sel.seed)
         except CaseError as exc:
             for name in backends:
-                yield _records(sel, entry, name, dtype, case, checks, lambda _c, e=exc: Outcome(False, message=f"inputs: {e}"))
+                yield _records(
+                    sel, entry, name, dtype, case, checks, lambda _c, e=exc: Outcome(False, message=f"inputs: {e}")
+                )
             continue
         reference = reference_forward(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask)
         ref_grads = reference_gradients(entry.spec, inputs.params, inputs.hidden, inputs.grad_output)
-        request = RunRequest(entry, inputs.params, inputs.hidden, inputs.attention_mask, inputs.grad_output, torch_dtype, sel.device)
+        request = RunRequest(
+            entry, inputs.params, inputs.hidden, inputs.attention_mask, inputs.grad_output, torch_dtype, sel.device
+        )
         prepared.append((case, request, None))
         references[case.name] = (reference, ref_grads)
 
@@ -164,7 +221,9 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
         return lambda obs: CheckInput(entry.spec, reference, ref_grads, obs, dtype)
 
     for name, backend in backends.items():
-        reason = backend.supports(entry, dtype, sel.device) if dtype in backend.dtypes else f"{name} does not run {dtype}"
+        reason = (
+            backend.supports(entry, dtype, sel.device) if dtype in backend.dtypes else f"{name} does not run {dtype}"
+        )
         if reason is not None:
             for case, _, _ in prepared:
                 yield _records(sel, entry, name, dtype, case, checks, lambda _c, r=reason: Outcome(None, message=r))

@@ -53,8 +53,13 @@ def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
         if r.check not in row or order[r.status] < order[row[r.check].status]:
             row[r.check] = r
     checks = list(dict.fromkeys(r.check for r in records))
-    abbreviations = {c: c.replace("grad_", "g_").replace("routing_weights", "weights").replace("shared_experts", "shared") for c in checks}
-    lines = [f"{'arch':<14} {'backend':<15} {'dtype':<5} {'dev':<4} " + " ".join(f"{abbreviations[c]:<9}" for c in checks)]
+    abbreviations = {
+        c: c.replace("grad_", "g_").replace("routing_weights", "weights").replace("shared_experts", "shared")
+        for c in checks
+    }
+    lines = [
+        f"{'arch':<14} {'backend':<15} {'dtype':<5} {'dev':<4} " + " ".join(f"{abbreviations[c]:<9}" for c in checks)
+    ]
     for (arch, backend, dtype, device), row in table.items():
         cells = " ".join(f"{(row[c].status if c in row else ''):<9}" for c in checks)
         lines.append(f"{arch:<14} {backend:<15} {dtype:<5} {device:<4} {cells}")
@@ -62,12 +67,14 @@ def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
     if bad:
         lines += ["", f"{len(bad)} failing record(s):"]
         for r in bad:
-            lines.append(f"- {r.status.upper()} {r.arch} {r.backend} {r.dtype} {r.device} case={r.case} check={r.check}: "
-                         f"{r.message} (max_abs_err={_err(r.max_abs_err)}, atol={r.atol}, rtol={r.rtol})")
+            lines.append(
+                f"- {r.status.upper()} {r.arch} {r.backend} {r.dtype} {r.device} case={r.case} check={r.check}: "
+                f"{r.message} (max_abs_err={_err(r.max_abs_err)}, atol={r.atol}, rtol={r.rtol})"
+            )
             lines.append(f"  repro: {r.repro}")
     warnings = [r for r in records if r.status == "pass" and r.message.startswith("WARNING:")]
     if warnings:
-        lines += ["", "warnings:"] + [f"- {r.arch} {r.check}: {r.message[len('WARNING:'):].strip()}" for r in warnings]
+        lines += ["", "warnings:"] + [f"- {r.arch} {r.check}: {r.message[len('WARNING:') :].strip()}" for r in warnings]
     xfails = [r for r in records if r.status == "xfail"]
     if xfails:
         lines += ["", "expected failures (declared in the registry):"]
@@ -80,10 +87,19 @@ def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
 def to_junit(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
     """JUnit XML: one testcase per record, classname ``arch.backend.dtype.device``, name ``case::check``."""
     s = summary(records, wall_s)
-    suite = ET.Element("testsuite", name="moeconf", tests=str(len(records)), failures=str(s["fail"]),
-                       errors=str(s["error"]), skipped=str(s["skip"]), time=str(s.get("wall_s", 0)))
+    suite = ET.Element(
+        "testsuite",
+        name="moeconf",
+        tests=str(len(records)),
+        failures=str(s["fail"]),
+        errors=str(s["error"]),
+        skipped=str(s["skip"]),
+        time=str(s.get("wall_s", 0)),
+    )
     for r in records:
-        case = ET.SubElement(suite, "testcase", classname=f"{r.arch}.{r.backend}.{r.dtype}.{r.device}", name=f"{r.case}::{r.check}")
+        case = ET.SubElement(
+            suite, "testcase", classname=f"{r.arch}.{r.backend}.{r.dtype}.{r.device}", name=f"{r.case}::{r.check}"
+        )
         detail = f"{r.message}\nmax_abs_err={_err(r.max_abs_err)} atol={r.atol} rtol={r.rtol}\nrepro: {r.repro}"
         if r.status == "fail":
             ET.SubElement(case, "failure", message=r.message or "check failed").text = detail

@@ -23,7 +23,9 @@ def _replace_router_output(block: nn.Module, entry: ArchEntry, fn: Any) -> None:
 
 # --- routing_weights: renormalisation flipped off (Mixtral renormalises always) -------------------
 def _no_renorm(block: nn.Module, entry: ArchEntry) -> None:
-    _replace_router_output(block, entry, lambda logits, w, i: (logits, torch.softmax(logits.float(), -1).gather(1, i), i))
+    _replace_router_output(
+        block, entry, lambda logits, w, i: (logits, torch.softmax(logits.float(), -1).gather(1, i), i)
+    )
 
 
 renorm_flipped = HFBlockBackend("renorm-flipped", patch=_no_renorm)

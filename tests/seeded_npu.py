@@ -17,10 +17,14 @@ class DenseProbs(NpuGmmBackend):
     """verl PR #4888: dense ``[T, E]`` routing weights passed to unpermute instead of top-k ``[T, K]``."""
 
     def experts_forward(self, gate_up_proj, down_proj, hidden, top_k_index, top_k_weights):  # type: ignore[no-untyped-def]
-        dense = torch.zeros(hidden.shape[0], gate_up_proj.shape[0], dtype=top_k_weights.dtype).scatter(1, top_k_index, top_k_weights)
+        dense = torch.zeros(hidden.shape[0], gate_up_proj.shape[0], dtype=top_k_weights.dtype).scatter(
+            1, top_k_index, top_k_weights
+        )
         ops = self.ops(hidden.device)
         permuted, sorted_indices = self.permute(ops, hidden, top_k_index)
-        rows = self.expert_mlp(ops, permuted, self.group_list(top_k_index, gate_up_proj.shape[0]), gate_up_proj, down_proj)
+        rows = self.expert_mlp(
+            ops, permuted, self.group_list(top_k_index, gate_up_proj.shape[0]), gate_up_proj, down_proj
+        )
         return self.unpermute(ops, rows, sorted_indices, dense)
 
 
@@ -28,7 +32,9 @@ class CountsAsCumulative(NpuGmmBackend):
     """Per-expert counts handed to a grouped matmul that expects cumulative offsets (group_list_type=0)."""
 
     def expert_mlp(self, ops, rows, counts, gate_up_proj, down_proj):  # type: ignore[no-untyped-def]
-        gmm = lambda x, w: ops.npu_grouped_matmul([x], [w], group_list=counts, split_item=2, group_type=0, group_list_type=0)[0]  # noqa: E731
+        gmm = lambda x, w: ops.npu_grouped_matmul(
+            [x], [w], group_list=counts, split_item=2, group_type=0, group_list_type=0
+        )[0]  # noqa: E731
         return gmm(ops.npu_swiglu(gmm(rows, gate_up_proj.transpose(1, 2)), dim=-1), down_proj.transpose(1, 2))
 
 

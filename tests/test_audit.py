@@ -123,7 +123,8 @@ def test_main_audit_records(capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(capsys.readouterr().out)
     records = report["results"]
     assert {(r["arch"], r["check"]) for r in records} == {
-        (a, c) for a in ("mixtral", "deepseek_v3") for c in ("config_leaf", "config_aux_loss")}
+        (a, c) for a in ("mixtral", "deepseek_v3") for c in ("config_leaf", "config_aux_loss")
+    }
     assert all(r["backend"] == "config" and r["case"] == "tiny-model" and r["dtype"] == "fp32" for r in records)
     warned = [r for r in records if r["message"].startswith("WARNING:")]
     assert [(r["arch"], r["check"], r["status"]) for r in warned] == [("deepseek_v3", "config_aux_loss", "pass")]

@@ -19,8 +19,13 @@ def _perfect(arch: str = "mixtral", case: int = 2) -> tuple[CheckInput, list[int
     inputs = make_inputs(spec, CASES[case], torch.float32, 0)
     ref = reference_forward(spec, inputs.params, inputs.hidden, inputs.attention_mask)
     grads = reference_gradients(spec, inputs.params, inputs.hidden, inputs.grad_output)
-    obs = Observation(output=ref.output.detach(), topk_index=ref.routing.index, topk_weights=ref.routing.weights.detach(),
-                      aux_loss=ref.aux_loss.detach(), grads={k: v.clone() for k, v in grads.items()})
+    obs = Observation(
+        output=ref.output.detach(),
+        topk_index=ref.routing.index,
+        topk_weights=ref.routing.weights.detach(),
+        aux_loss=ref.aux_loss.detach(),
+        grads={k: v.clone() for k, v in grads.items()},
+    )
     used = set(ref.routing.index.flatten().tolist())
     return CheckInput(spec, ref, grads, obs, "fp32"), [e for e in range(spec.num_experts) if e not in used]
 
@@ -47,7 +52,10 @@ def test_routing_set_not_order() -> None:
     assert CHECKS["routing"](c2).passed and CHECKS["routing_weights"](c2).passed
     wrong = flipped.clone()
     wrong[0, 0] = (wrong[0, 0] + 3) % 8 if (wrong[0, 0] + 3) % 8 != wrong[0, 1] else (wrong[0, 0] + 4) % 8
-    assert CHECKS["routing"](dataclasses.replace(c, observation=dataclasses.replace(obs, topk_index=wrong))).passed is False
+    assert (
+        CHECKS["routing"](dataclasses.replace(c, observation=dataclasses.replace(obs, topk_index=wrong))).passed
+        is False
+    )
 
 
 def test_unobserved_quantities_are_skips_not_passes() -> None:

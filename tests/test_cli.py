@@ -46,11 +46,37 @@ def test_passing_check_exits_0_with_a_table(capsys: pytest.CaptureFixture[str]) 
 
 def test_failing_check_exits_1_and_json_records_carry_repros(tmp_path: Path) -> None:
     report = tmp_path / "deep" / "report.json"
-    code = main(["check", "--arch", "mixtral", "--backend", "tests.seeded:gate_up_swapped", *ONE_CASE,
-                 "--format", "json", "--output", str(report), "--quiet"])
+    code = main(
+        [
+            "check",
+            "--arch",
+            "mixtral",
+            "--backend",
+            "tests.seeded:gate_up_swapped",
+            *ONE_CASE,
+            "--format",
+            "json",
+            "--output",
+            str(report),
+            "--quiet",
+        ]
+    )
     assert code == 1
     data = json.loads(report.read_text())
-    keys = {"arch", "backend", "dtype", "device", "check", "status", "max_abs_err", "max_rel_err", "atol", "rtol", "message", "repro"}
+    keys = {
+        "arch",
+        "backend",
+        "dtype",
+        "device",
+        "check",
+        "status",
+        "max_abs_err",
+        "max_rel_err",
+        "atol",
+        "rtol",
+        "message",
+        "repro",
+    }
     assert all(keys <= set(r) for r in data["results"])
     assert data["summary"]["fail"] > 0 and data["summary"]["ok"] is False
     failed = next(r for r in data["results"] if r["check"] == "output")
@@ -66,8 +92,24 @@ def test_failing_check_exits_1_and_json_records_carry_repros(tmp_path: Path) -> 
 
 def test_junit_report(tmp_path: Path) -> None:
     path = tmp_path / "r.xml"
-    assert main(["check", "--arch", "mixtral", "--backend", "tests.seeded:aux_from_probs", *ONE_CASE,
-                 "--format", "junit", "--output", str(path), "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "check",
+                "--arch",
+                "mixtral",
+                "--backend",
+                "tests.seeded:aux_from_probs",
+                *ONE_CASE,
+                "--format",
+                "junit",
+                "--output",
+                str(path),
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     suite = ET.parse(path).getroot()
     failures = suite.findall("testcase/failure")
     assert int(suite.get("failures")) == len(failures) > 0
@@ -81,8 +123,11 @@ def test_list_json_covers_the_registry(capsys: pytest.CaptureFixture[str]) -> No
 
     assert {r["model_type"] for r in rows} == set(REGISTRY) | set(DECLARED_UNSUPPORTED)
     assert len(rows) >= 95
-    assert all(r["backends"]["hf-eager"]["status"] == "unsupported" and r["backends"]["hf-eager"]["reason"]
-               for r in rows if r["model_type"] in DECLARED_UNSUPPORTED)
+    assert all(
+        r["backends"]["hf-eager"]["status"] == "unsupported" and r["backends"]["hf-eager"]["reason"]
+        for r in rows
+        if r["model_type"] in DECLARED_UNSUPPORTED
+    )
     dbrx = next(r for r in rows if r["model_type"] == "dbrx")
     assert dbrx["backends"]["hf-grouped-mm"]["status"] == "unsupported" and dbrx["backends"]["hf-grouped-mm"]["reason"]
 

@@ -28,12 +28,19 @@ ROUTERS = {
     "softmax_plain": RouterSpec(),
     "pnorm": RouterSpec(renorm="pnorm", renorm_p=2.0),
     "topk_softmax_bias": RouterSpec(logit_bias=True, select_on="logits", weight_from="softmax_of_selected_logits"),
-    "dsv3": RouterSpec(scoring="sigmoid", selection_bias=True, renorm="always", renorm_eps=1e-20,
-                       group_limit=GroupLimit(2, 1), routed_scaling=2.5),
+    "dsv3": RouterSpec(
+        scoring="sigmoid",
+        selection_bias=True,
+        renorm="always",
+        renorm_eps=1e-20,
+        group_limit=GroupLimit(2, 1),
+        routed_scaling=2.5,
+    ),
     "dsv2": RouterSpec(group_limit=GroupLimit(2, 1, score="max", fill="zero"), routed_scaling=1.5),
     "llama4": RouterSpec(scoring="sigmoid", select_on="logits", weight_from="sigmoid_of_selected_logits"),
-    "sigmoid_out_scaled": RouterSpec(scoring="sigmoid", selection_bias=True, renorm="always", routed_scaling=2.0,
-                                     scaling_site="output"),
+    "sigmoid_out_scaled": RouterSpec(
+        scoring="sigmoid", selection_bias=True, renorm="always", routed_scaling=2.0, scaling_site="output"
+    ),
 }
 EXPERTS = {
     "swiglu": ExpertSpec(),
@@ -48,8 +55,12 @@ def make_spec(router: str, experts: str, shared: str | None) -> MoESpec:
     return MoESpec(8, 2, 12, 10, router=ROUTERS[router], experts=EXPERTS[experts], shared=shared_spec)
 
 
-specs = st.builds(make_spec, st.sampled_from(sorted(ROUTERS)), st.sampled_from(sorted(EXPERTS)),
-                  st.sampled_from([None, "none", "sigmoid"]))
+specs = st.builds(
+    make_spec,
+    st.sampled_from(sorted(ROUTERS)),
+    st.sampled_from(sorted(EXPERTS)),
+    st.sampled_from([None, "none", "sigmoid"]),
+)
 
 
 # --- hand-computed formulas ---------------------------------------------------------------------
@@ -65,10 +76,20 @@ def test_softmax_topk_renormalised_by_hand() -> None:
 
 def test_deepseek_v3_group_limit_and_bias_by_hand() -> None:
     # Two groups of two. Group 1 has the best single score, group 0 the best top-2 sum: group 0 wins.
-    spec = MoESpec(4, 2, 4, 2, router=RouterSpec(scoring="sigmoid", selection_bias=True, renorm="always",
-                                                 group_limit=GroupLimit(2, 1), routed_scaling=2.0))
+    spec = MoESpec(
+        4,
+        2,
+        4,
+        2,
+        router=RouterSpec(
+            scoring="sigmoid", selection_bias=True, renorm="always", group_limit=GroupLimit(2, 1), routed_scaling=2.0
+        ),
+    )
     logits = torch.tensor([[1.0, 1.0, 3.0, -3.0]], dtype=torch.float64)
-    params = {"router.weight": torch.eye(4, dtype=torch.float64), "router.selection_bias": torch.zeros(4, dtype=torch.float64)}
+    params = {
+        "router.weight": torch.eye(4, dtype=torch.float64),
+        "router.selection_bias": torch.zeros(4, dtype=torch.float64),
+    }
     r = route(spec, params, logits)
     assert r.index.tolist() == [[0, 1]]
     assert torch.allclose(r.weights, torch.tensor([[1.0, 1.0]], dtype=torch.float64))  # renormalised, ×2
@@ -159,7 +180,9 @@ def test_batch_split_invariance(spec: MoESpec, seed: int, split: int) -> None:
     params = draw_params(spec, seed)
     x = torch.randn(6, 2, spec.hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     whole = reference_forward(spec, params, x).output
-    parts = torch.cat([reference_forward(spec, params, x[:split]).output, reference_forward(spec, params, x[split:]).output])
+    parts = torch.cat(
+        [reference_forward(spec, params, x[:split]).output, reference_forward(spec, params, x[split:]).output]
+    )
     assert torch.allclose(whole, parts)
 
 

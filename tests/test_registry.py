@@ -25,7 +25,9 @@ def test_bindings_round_trip_through_the_real_block(arch: str) -> None:
     shapes = param_shapes(entry.spec)
     for binding in entry.params:
         tensor = dict(block.named_parameters()).get(binding.path, dict(block.named_buffers()).get(binding.path))
-        parts = split_to_canonical(LAYOUTS[binding.layout], tensor.detach().double(), tuple(shapes[n] for n in binding.canonical))
+        parts = split_to_canonical(
+            LAYOUTS[binding.layout], tensor.detach().double(), tuple(shapes[n] for n in binding.canonical)
+        )
         for name, part in zip(binding.canonical, parts):
             assert torch.allclose(part, params[name].float().double()), f"{arch}: {binding.path} -> {name}"
 
@@ -63,7 +65,9 @@ def test_wrong_layout_is_rejected_because_h_differs_from_i() -> None:
     import dataclasses
 
     entry = REGISTRY["gpt_oss"]
-    params = tuple(dataclasses.replace(b, layout="identity") if b.path == "experts.down_proj" else b for b in entry.params)
+    params = tuple(
+        dataclasses.replace(b, layout="identity") if b.path == "experts.down_proj" else b for b in entry.params
+    )
     broken = dataclasses.replace(entry, params=params)
     with pytest.raises(EntryError, match="experts.down_proj"):
         load_params(broken, build_block(broken), draw_params(entry.spec, 0))

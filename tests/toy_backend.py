@@ -41,7 +41,9 @@ class ToyZLossBackend:
         if spec.router.renorm == "always":
             weights = weights / weights.sum(-1, keepdim=True)
         dense = torch.zeros_like(probs).scatter(1, index, weights)  # [N, E]
-        h = F.silu(torch.einsum("nh,eih->nei", x, p["experts.w_gate"])) * torch.einsum("nh,eih->nei", x, p["experts.w_up"])
+        h = F.silu(torch.einsum("nh,eih->nei", x, p["experts.w_gate"])) * torch.einsum(
+            "nh,eih->nei", x, p["experts.w_up"]
+        )
         out = torch.einsum("nei,ehi,ne->nh", h, p["experts.w_down"], dense).reshape(request.hidden.shape)
         out.backward(request.grad_output.to(request.dtype))
         rows = request.attention_mask.reshape(-1).to(request.dtype)
@@ -49,8 +51,14 @@ class ToyZLossBackend:
         z = (torch.logsumexp(z_in, -1).square() * rows).sum() / rows.sum()
         grads = {k: v.grad for k, v in p.items()}
         grads["input"] = x.grad.reshape(request.hidden.shape)
-        return Observation(output=out.detach(), topk_index=index, topk_weights=weights.detach(),
-                           router_logits=logits.detach(), z_loss=z.detach(), grads=grads)
+        return Observation(
+            output=out.detach(),
+            topk_index=index,
+            topk_weights=weights.detach(),
+            router_logits=logits.detach(),
+            z_loss=z.detach(),
+            grads=grads,
+        )
 
 
 toy = ToyZLossBackend()
@@ -58,6 +66,7 @@ toy_z_from_probs = ToyZLossBackend(z_from_probs=True)
 
 # The Mixtral spec with a z-loss: an architecture only this test suite knows.
 TOY_ENTRY = dataclasses.replace(
-    REGISTRY["mixtral"], model_type="toy_zloss",
+    REGISTRY["mixtral"],
+    model_type="toy_zloss",
     spec=dataclasses.replace(REGISTRY["mixtral"].spec, losses=LossSpec(aux="none", z_loss=True)),
 )

@@ -68,7 +68,9 @@ def resolve_backend(name: str) -> Backend:
         except (ImportError, AttributeError) as exc:
             raise UnknownName(f"cannot load backend {name!r}: {exc}") from None
         return _instantiate(obj, name)
-    raise UnknownName(f"unknown backend {name!r}; available: {', '.join(available_backends())} (or package.module:attr)")
+    raise UnknownName(
+        f"unknown backend {name!r}; available: {', '.join(available_backends())} (or package.module:attr)"
+    )
 
 
 __all__ = [

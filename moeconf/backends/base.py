@@ -75,17 +75,17 @@ class Observation:
 class Backend(Protocol):
     """The public extension point. Minimal example (see README, "Add a backend")::
 
-        class MyBackend:
-            name = "my-kernel"
-            devices = ("cpu", "cuda")
-            dtypes = ("fp32", "bf16")
+    class MyBackend:
+        name = "my-kernel"
+        devices = ("cpu", "cuda")
+        dtypes = ("fp32", "bf16")
 
-            def supports(self, entry, dtype, device):
-                return None if entry.spec.experts.glu == "swiglu" else "only SwiGLU experts"
+        def supports(self, entry, dtype, device):
+            return None if entry.spec.experts.glu == "swiglu" else "only SwiGLU experts"
 
-            def run(self, request):
-                ...  # build, load request.params, forward, backward
-                return Observation(output=out, topk_index=idx, topk_weights=w, grads=grads)
+        def run(self, request):
+            ...  # build, load request.params, forward, backward
+            return Observation(output=out, topk_index=idx, topk_weights=w, grads=grads)
     """
 
     name: str

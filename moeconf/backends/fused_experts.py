@@ -26,8 +26,11 @@ STANDARD_LAYOUT = (
 def standard_layout_reason(entry: ArchEntry) -> str | None:
     """None when ``entry``'s experts use the standard fused SwiGLU layout, else why not."""
     experts, spec = entry.spec.experts, entry.spec
-    prefixed = tuple(Binding(b.path.replace(entry.experts_path + ".", "experts.", 1), b.canonical, b.layout) for b in entry.params
-                     if b.path.startswith(entry.experts_path + "."))
+    prefixed = tuple(
+        Binding(b.path.replace(entry.experts_path + ".", "experts.", 1), b.canonical, b.layout)
+        for b in entry.params
+        if b.path.startswith(entry.experts_path + ".")
+    )
     if sorted(prefixed, key=lambda b: b.path) != sorted(STANDARD_LAYOUT, key=lambda b: b.path):
         return "experts are not in the fused gate_up_proj [E,2I,H] / down_proj [E,H,I] layout"
     if (experts.glu, experts.activation, experts.bias, experts.weight_site) != ("swiglu", "silu", False, "output"):
@@ -44,20 +47,29 @@ class FusedExpertsBackend(HFBlockBackend):
         super().__init__(name, "eager", patch=self._install)
 
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
-        return (device not in self.devices and f"{self.name} does not run on {device}") or \
-            super().supports(entry, dtype, device) or standard_layout_reason(entry)
+        return (
+            (device not in self.devices and f"{self.name} does not run on {device}")
+            or super().supports(entry, dtype, device)
+            or standard_layout_reason(entry)
+        )
 
     def _install(self, block: nn.Module, entry: ArchEntry) -> None:
         experts = block.get_submodule(entry.experts_path)
 
-        def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_: Any) -> torch.Tensor:
+        def forward(
+            hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_: Any
+        ) -> torch.Tensor:
             return self.experts_forward(experts.gate_up_proj, experts.down_proj, hidden, top_k_index, top_k_weights)
 
         experts.forward = forward
 
     def experts_forward(
-        self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, hidden: torch.Tensor,
-        top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+        self,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         """``hidden [N, H]``, ``top_k_index/weights [N, k]`` → ``[N, H]``."""
         raise NotImplementedError

@@ -84,8 +84,14 @@ class HFBlockBackend:
         grads, missing = canonical_grads(entry, block)
         grads["input"] = hidden.grad
         return Observation(
-            output=out.detach(), topk_index=index, topk_weights=_detach(weights), router_logits=_detach(logits),
-            aux_loss=_detach(aux), z_loss=_detach(z), grads=grads, missing_grads=missing,
+            output=out.detach(),
+            topk_index=index,
+            topk_weights=_detach(weights),
+            router_logits=_detach(logits),
+            aux_loss=_detach(aux),
+            z_loss=_detach(z),
+            grads=grads,
+            missing_grads=missing,
         )
 
 

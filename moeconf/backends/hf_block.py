@@ -86,7 +86,10 @@ def cast_like_from_pretrained(entry: ArchEntry, block: nn.Module, dtype: torch.d
     block = block.to(dtype)
     if dtype not in (torch.bfloat16, torch.float16):
         return block
-    rules = [re.compile(r"(^|\.)" + re.escape(p).replace(r"\*", ".*") + r"($|\.)") for p in _fp32_patterns(entry.modeling_module)]
+    rules = [
+        re.compile(r"(^|\.)" + re.escape(p).replace(r"\*", ".*") + r"($|\.)")
+        for p in _fp32_patterns(entry.modeling_module)
+    ]
     for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
         if any(rule.search(f"{entry.block_path}.{name}") for rule in rules):
             tensor.data = tensor.data.float()
@@ -113,14 +116,23 @@ def load_params(entry: ArchEntry, block: nn.Module, params: Params) -> None:
     if unbound:
         raise EntryError(f"{entry.model_type}: block parameters not bound to the reference: {', '.join(unbound)}")
     missing = set(param_shapes(entry.spec)) - {c for b in entry.params for c in b.canonical}
-    sliced = {c: {b.expert for b in entry.params if c in b.canonical} for b in entry.params if b.expert is not None for c in b.canonical}
+    sliced = {
+        c: {b.expert for b in entry.params if c in b.canonical}
+        for b in entry.params
+        if b.expert is not None
+        for c in b.canonical
+    }
     missing |= {c for c, experts in sliced.items() if experts != set(range(entry.spec.num_experts))}
     if missing:
-        raise EntryError(f"{entry.model_type}: canonical parameters with no (complete) binding: {', '.join(sorted(missing))}")
+        raise EntryError(
+            f"{entry.model_type}: canonical parameters with no (complete) binding: {', '.join(sorted(missing))}"
+        )
     with torch.no_grad():
         for binding in entry.params:
             target = _tensor_at(block, binding.path)
-            value = LAYOUTS[binding.layout].to_block(*(_canonical(params[name], binding.expert) for name in binding.canonical))
+            value = LAYOUTS[binding.layout].to_block(
+                *(_canonical(params[name], binding.expert) for name in binding.canonical)
+            )
             # NOTE: shapes must match exactly (no reshape): with H ≠ I a wrong layout cannot slip through.
             if value.shape != target.shape:
                 raise EntryError(
@@ -155,7 +167,12 @@ def to_canonical(
             if value is None:
                 out.update({name: None for name in binding.canonical})
             else:
-                out.update(zip(binding.canonical, split_to_canonical(layout, value, tuple(shapes[n] for n in binding.canonical))))
+                out.update(
+                    zip(
+                        binding.canonical,
+                        split_to_canonical(layout, value, tuple(shapes[n] for n in binding.canonical)),
+                    )
+                )
             continue
         for name in binding.canonical:
             if out.get(name) is None:

@@ -25,7 +25,9 @@ class NpuGmmBackend(FusedExpertsBackend):
         """Real torch_npu for NPU tensors, the emulator otherwise."""
         return get_torch_npu(device)
 
-    def permute(self, ops: ModuleType, hidden: torch.Tensor, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def permute(
+        self, ops: ModuleType, hidden: torch.Tensor, top_k_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.npu_moe_token_permute(hidden, top_k_index.to(torch.int32))
 
     def group_list(self, top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -33,14 +35,21 @@ class NpuGmmBackend(FusedExpertsBackend):
         float cast of them (ms-swift #8207: NaN grads from a wrong group list)."""
         return torch.bincount(top_k_index.reshape(-1), minlength=num_experts).to(torch.int64)
 
-    def expert_mlp(self, ops: ModuleType, rows: torch.Tensor, counts: torch.Tensor,
-                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    def expert_mlp(
+        self,
+        ops: ModuleType,
+        rows: torch.Tensor,
+        counts: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+    ) -> torch.Tensor:
         # npu_grouped_matmul takes matmul-layout weights [E, K, N]: transpose the HF [E, N, K] ones.
         gate_up = grouped_matmul_autograd(rows, gate_up_proj.transpose(1, 2), counts, ops=ops)
         return grouped_matmul_autograd(ops.npu_swiglu(gate_up, dim=-1), down_proj.transpose(1, 2), counts, ops=ops)
 
-    def unpermute(self, ops: ModuleType, rows: torch.Tensor, sorted_indices: torch.Tensor,
-                  top_k_weights: torch.Tensor) -> torch.Tensor:
+    def unpermute(
+        self, ops: ModuleType, rows: torch.Tensor, sorted_indices: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         return ops.npu_moe_token_unpermute(rows, sorted_indices, probs=top_k_weights)
 
     def experts_forward(self, gate_up_proj, down_proj, hidden, top_k_index, top_k_weights):  # type: ignore[no-untyped-def]

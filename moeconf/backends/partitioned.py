@@ -74,19 +74,27 @@ class PartitionedBackend:
         observations, _ = self.run_session([request], None)
         return observations[0]
 
-    def run_session(self, requests: list[RunRequest], steps: StepsRequest | None) -> tuple[list[Observation], StepsObservation | None]:
+    def run_session(
+        self, requests: list[RunRequest], steps: StepsRequest | None
+    ) -> tuple[list[Observation], StepsObservation | None]:
         """All cases (and the adversarial steps) of one architecture in one multi-rank launch."""
         entry = requests[0].entry if requests else steps.entry  # type: ignore[union-attr]
         dtype = requests[0].dtype if requests else steps.dtype  # type: ignore[union-attr]
         job = RankJob(
-            entry=entry, strategy=self.strategy, leaf=self.leaf, dense=self.dense, dtype=dtype,
+            entry=entry,
+            strategy=self.strategy,
+            leaf=self.leaf,
+            dense=self.dense,
+            dtype=dtype,
             cases=tuple(CaseInput(r.params, r.hidden, r.attention_mask, r.grad_output) for r in requests),
             steps=None if steps is None else StepsInput(steps.params, steps.batches, steps.grad_outputs, steps.lr),
         )
         env = {"DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
         result = run_ranks(self.rank_fn, (job,), world_size=self.world_size, deadline_s=self.deadline_s, env=env)
         if result.status == "deadlock":
-            raise DeadlockError(f"deadlock: ranks still running after {self.deadline_s:.0f} s\n{result.report()}", result)
+            raise DeadlockError(
+                f"deadlock: ranks still running after {self.deadline_s:.0f} s\n{result.report()}", result
+            )
         if result.status != "ok":
             raise RankCrashError(f"{result.status}: {result.message}\n{result.report()}", result)
         per_rank = result.results
@@ -96,7 +104,9 @@ class PartitionedBackend:
             ranks = [r["steps"] for r in per_rank]
             steps_obs = StepsObservation(
                 outputs=[[ranks[r]["outputs"][s] for r in range(self.world_size)] for s in range(len(steps.batches))],
-                grads=ranks[0]["grads"], missing_grads=ranks[0]["missing_grads"], params_after=ranks[0]["params_after"],
+                grads=ranks[0]["grads"],
+                missing_grads=ranks[0]["missing_grads"],
+                params_after=ranks[0]["params_after"],
             )
         return observations, steps_obs
 
@@ -108,10 +118,18 @@ def _observation(request: RunRequest, seen: dict) -> Observation:
     if spec.losses.aux == "switch" and logits is not None:
         from moeconf.backends.hf_block import framework_loss_fn
 
-        aux = framework_loss_fn(request.entry, "load_balancing_loss_func")((logits,), spec.num_experts, spec.top_k, request.attention_mask)
-    return Observation(output=seen["output"], topk_index=seen["topk_index"], topk_weights=seen["topk_weights"],
-                       router_logits=logits, aux_loss=None if aux is None else torch.as_tensor(aux).detach(),
-                       grads=seen["grads"], missing_grads=tuple(seen["missing_grads"]))
+        aux = framework_loss_fn(request.entry, "load_balancing_loss_func")(
+            (logits,), spec.num_experts, spec.top_k, request.attention_mask
+        )
+    return Observation(
+        output=seen["output"],
+        topk_index=seen["topk_index"],
+        topk_weights=seen["topk_weights"],
+        router_logits=logits,
+        aux_loss=None if aux is None else torch.as_tensor(aux).detach(),
+        grads=seen["grads"],
+        missing_grads=tuple(seen["missing_grads"]),
+    )
 
 
 ZERO3_LEAF = PartitionedBackend("zero3-leaf", "zero3", leaf=True)

@@ -28,8 +28,13 @@ from moeconf.registry.entry import ArchEntry
 from moeconf.registry.layouts import LAYOUTS, split_to_canonical
 from moeconf.spec import ExpertSpec, RouterSpec
 
-_ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "relu2": lambda x: F.relu(x).square()}
+_ACT = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: F.relu(x).square(),
+}
 
 
 def dense_reason(entry: ArchEntry) -> str | None:
@@ -50,7 +55,9 @@ def dense_reason(entry: ArchEntry) -> str | None:
 
 def _dense_weights(index: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[N, k]`` → ``[N, E]`` with zeros outside the top-k (differentiable in ``weights``)."""
-    return torch.zeros(index.shape[0], num_experts, dtype=weights.dtype, device=weights.device).scatter(1, index.long(), weights)
+    return torch.zeros(index.shape[0], num_experts, dtype=weights.dtype, device=weights.device).scatter(
+        1, index.long(), weights
+    )
 
 
 def _all_experts(experts: ExpertSpec, canon: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +95,10 @@ def _patch_fused(block: nn.Module, entry: ArchEntry) -> None:
     def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_: Any) -> torch.Tensor:
         canon: dict[str, torch.Tensor] = {}
         for b in bindings:
-            tensor = experts_module.get_parameter(b.path[len(prefix):])
-            canon.update(zip(b.canonical, split_to_canonical(LAYOUTS[b.layout], tensor, tuple(shapes[n] for n in b.canonical))))
+            tensor = experts_module.get_parameter(b.path[len(prefix) :])
+            canon.update(
+                zip(b.canonical, split_to_canonical(LAYOUTS[b.layout], tensor, tuple(shapes[n] for n in b.canonical)))
+            )
         per_expert = _all_experts(entry.spec.experts, canon, hidden)
         dense = _dense_weights(top_k_index, top_k_weights, entry.spec.num_experts)
         return torch.einsum("ne,neh->nh", dense.to(per_expert.dtype), per_expert).to(hidden.dtype)

@@ -113,15 +113,21 @@ def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
     if stage == 3:
         # NOTE: partition every parameter, however small: the tiny block would otherwise stay whole
         # ("persistent") on every rank and the fetch-order hang could not happen.
-        config["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0,
-                                           stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
+        config["zero_optimization"].update(
+            stage3_param_persistence_threshold=0,
+            stage3_prefetch_bucket_size=0,
+            stage3_max_live_parameters=0,
+            stage3_max_reuse_distance=0,
+        )
         if not job.leaf:
             # NOTE: DeepSpeed >= 0.18 makes the Mixtral/Qwen2-MoE/Qwen3-MoE blocks leaves by default
             # (zero_optimization.leaf_module); the no-leaf control must switch that off explicitly.
             config["zero_optimization"]["leaf_module"] = {"classes": [], "names": [], "name_suffixes": []}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return Engine(engine, block, engine.step, engine.backward, lambda: None, safe_get_full_grad, safe_get_full_fp32_param)
+    return Engine(
+        engine, block, engine.step, engine.backward, lambda: None, safe_get_full_grad, safe_get_full_fp32_param
+    )
 
 
 def _fsdp2_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
@@ -137,8 +143,15 @@ def _fsdp2_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
     def full(t: torch.Tensor | None) -> torch.Tensor | None:
         return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
-    return Engine(model, block, optimizer.step, lambda loss: loss.backward(), lambda: optimizer.zero_grad(set_to_none=True),
-                  lambda p: full(p.grad), lambda p: full(p.detach()))
+    return Engine(
+        model,
+        block,
+        optimizer.step,
+        lambda loss: loss.backward(),
+        lambda: optimizer.zero_grad(set_to_none=True),
+        lambda p: full(p.grad),
+        lambda p: full(p.detach()),
+    )
 
 
 def _engine(job: RankJob, params: Params, lr: float) -> Engine:
@@ -148,10 +161,14 @@ def _engine(job: RankJob, params: Params, lr: float) -> Engine:
 
 def _gathered(job: RankJob, engine: Engine, get: Any) -> tuple[dict[str, torch.Tensor | None], tuple[str, ...]]:
     tensors = {path: get(p) for path, p in trained_tensors(job.entry, engine.block).items()}
-    return to_canonical(job.entry, {k: (v.detach().cpu().float() if v is not None else None) for k, v in tensors.items()})
+    return to_canonical(
+        job.entry, {k: (v.detach().cpu().float() if v is not None else None) for k, v in tensors.items()}
+    )
 
 
-def _forward_backward(job: RankJob, engine: Engine, hidden: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def _forward_backward(
+    job: RankJob, engine: Engine, hidden: torch.Tensor, grad_output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
     x = hidden.to(job.dtype).requires_grad_(True)  # NOTE: a ZeRO-3 leaf needs an input that requires grad
     with recording(job.entry, engine.block) as rec:
         out = engine.model(x)
@@ -167,8 +184,14 @@ def run_case(job: RankJob, case: CaseInput) -> dict[str, Any]:
     logits = rec.router_logits(job.entry)
     grads, missing = _gathered(job, engine, engine.full_grad)
     grads["input"] = grad_input
-    return {"output": out, "topk_index": index, "topk_weights": None if weights is None else weights.detach(),
-            "router_logits": None if logits is None else logits.detach(), "grads": grads, "missing_grads": missing}
+    return {
+        "output": out,
+        "topk_index": index,
+        "topk_weights": None if weights is None else weights.detach(),
+        "router_logits": None if logits is None else logits.detach(),
+        "grads": grads,
+        "missing_grads": missing,
+    }
 
 
 def run_steps(job: RankJob, steps: StepsInput) -> dict[str, Any]:

@@ -76,7 +76,9 @@ def expert_subsets(num_experts: int, world_size: int, step: int, top_k: int = 2)
     return [{(r * share + 2 * step + j) % num_experts for j in range(sizes[r])} for r in range(world_size)]
 
 
-def _pick_tokens(spec: MoESpec, params: Params, allowed: set[int], count: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+def _pick_tokens(
+    spec: MoESpec, params: Params, allowed: set[int], count: int, dtype: torch.dtype, gen: torch.Generator
+) -> torch.Tensor:
     pool = torch.randn(8192, spec.hidden, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
     routing = route(spec, params, pool)
     margin = routing.margin
@@ -85,22 +87,36 @@ def _pick_tokens(spec: MoESpec, params: Params, allowed: set[int], count: int, d
     inside = torch.isin(routing.index, torch.tensor(sorted(allowed))).all(dim=-1)
     chosen = ((margin >= MIN_MARGIN) & inside).nonzero().flatten()[:count]
     if chosen.numel() < count:
-        raise ValueError(f"adversarial routing: only {chosen.numel()}/{count} tokens route inside experts {sorted(allowed)}")
+        raise ValueError(
+            f"adversarial routing: only {chosen.numel()}/{count} tokens route inside experts {sorted(allowed)}"
+        )
     return pool[chosen]
 
 
-def _loss_grads(spec: MoESpec, params: Params, batches: tuple[torch.Tensor, ...], grad_outputs: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def _loss_grads(
+    spec: MoESpec, params: Params, batches: tuple[torch.Tensor, ...], grad_outputs: tuple[torch.Tensor, ...]
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Per-rank outputs and the rank-averaged gradient of ``⟨out_r, G_r⟩``."""
     leaves = {k: v.detach().clone().requires_grad_(k not in NOT_TRAINED) for k, v in params.items()}
     outputs = [reference_forward(spec, leaves, x).output for x in batches]
     loss = sum((out * g).sum() for out, g in zip(outputs, grad_outputs)) / len(batches)
     trained = [k for k in leaves if k not in NOT_TRAINED]
     grads = torch.autograd.grad(loss, [leaves[k] for k in trained], allow_unused=True)
-    return [o.detach() for o in outputs], {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(trained, grads)}
+    return [o.detach() for o in outputs], {
+        k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(trained, grads)
+    }
 
 
-def make_steps(entry: ArchEntry, dtype: torch.dtype, device: str, seed: int = 0, world_size: int = 2,
-               steps: int = 3, tokens_per_rank: int = 6, lr: float = 0.1) -> tuple[StepsRequest, StepsReference]:
+def make_steps(
+    entry: ArchEntry,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+    world_size: int = 2,
+    steps: int = 3,
+    tokens_per_rank: int = 6,
+    lr: float = 0.1,
+) -> tuple[StepsRequest, StepsReference]:
     """The adversarial request and, computed alongside (tokens depend on the parameters of each step),
     its float64 reference: per-rank outputs, averaged grads, SGD parameters after every step."""
     spec = entry.spec
@@ -110,8 +126,10 @@ def make_steps(entry: ArchEntry, dtype: torch.dtype, device: str, seed: int = 0,
     batches, cotangents, ref_out, ref_grads, ref_params, idle = [], [], [], [], [], []
     for step in range(steps):
         subsets = expert_subsets(spec.num_experts, world_size, step, spec.top_k)
-        xs = tuple(_pick_tokens(spec, params, subsets[r], tokens_per_rank, dtype, gen).reshape(1, tokens_per_rank, spec.hidden)
-                   for r in range(world_size))
+        xs = tuple(
+            _pick_tokens(spec, params, subsets[r], tokens_per_rank, dtype, gen).reshape(1, tokens_per_rank, spec.hidden)
+            for r in range(world_size)
+        )
         gs = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64) for x in xs)
         used = {int(e) for x in xs for e in route(spec, params, x.reshape(-1, spec.hidden)).index.flatten()}
         outputs, grads = _loss_grads(spec, params, xs, gs)

@@ -54,7 +54,9 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
-            out = out.index_copy(0, torch.arange(start, start + n, device=rows.device), rows[start : start + n] @ weight[e].T)
+            out = out.index_copy(
+                0, torch.arange(start, start + n, device=rows.device), rows[start : start + n] @ weight[e].T
+            )
         start += n
     return out
 

@@ -59,7 +59,9 @@ def expert_mlp(experts: ExpertSpec, params: Params, e: int, x: torch.Tensor) -> 
     def proj(name: str) -> torch.Tensor:
         return F.linear(x, params[f"experts.w_{name}"][e], params[f"experts.b_{name}"][e] if bias else None)
 
-    return F.linear(gated_mlp(experts, proj), params["experts.w_down"][e], params["experts.b_down"][e] if bias else None)
+    return F.linear(
+        gated_mlp(experts, proj), params["experts.w_down"][e], params["experts.b_down"][e] if bias else None
+    )
 
 
 def shared_mlp(spec: MoESpec, params: Params, x: torch.Tensor) -> torch.Tensor:

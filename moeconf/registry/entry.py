@@ -130,6 +130,12 @@ def sub_config_variant(
     if entry.block_config_attr is None or "." in entry.block_config_attr:
         raise ValueError(f"{entry.model_type}: only a composite entry with a one-level block_config_attr has variants")
     return dataclasses.replace(
-        entry, model_type=model_type, config_class=config_class, block_path=block_path, model_class=model_class,
-        config_kwargs=dict(entry.config_kwargs[entry.block_config_attr]), block_config_attr=None, **overrides,
+        entry,
+        model_type=model_type,
+        config_class=config_class,
+        block_path=block_path,
+        model_class=model_class,
+        config_kwargs=dict(entry.config_kwargs[entry.block_config_attr]),
+        block_config_attr=None,
+        **overrides,
     )

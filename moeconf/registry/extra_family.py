@@ -40,22 +40,62 @@ tanh caps change the output by tens of percent (the defaults 4 / 25 barely bend 
 # --- NemotronH -------------------------------------------------------------------------------------------
 
 NEMOTRON_H = dict(
-    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, moe_shared_expert_intermediate_size=S,
-    n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True,
-    routed_scaling_factor=2.5, mlp_hidden_act="relu2", mlp_bias=False, moe_latent_size=None,
-    layers_block_type=["full_attention", "moe"], head_dim=8, use_mamba_kernels=False, **ATTENTION,
+    hidden_size=H,
+    intermediate_size=48,
+    moe_intermediate_size=I,
+    moe_shared_expert_intermediate_size=S,
+    n_routed_experts=E,
+    num_experts_per_tok=K,
+    n_shared_experts=1,
+    n_group=2,
+    topk_group=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    mlp_hidden_act="relu2",
+    mlp_bias=False,
+    moe_latent_size=None,
+    layers_block_type=["full_attention", "moe"],
+    head_dim=8,
+    use_mamba_kernels=False,
+    **ATTENTION,
 )
 """Layer 0 is the one attention layer, layer 1 the MoE; no latent projection (fc1/fc2 are identities)."""
 
 # --- GLM-5-Next ----------------------------------------------------------------------------------------
 
 GLM5_NEXT_TEXT = dict(
-    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K,
-    n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, hidden_act="silu",
-    swiglu_limit=CLAMP, mlp_layer_types=["sparse"], layer_types=["full_attention"], num_hidden_layers=1,
-    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=8, v_head_dim=8, index_topk=8,
-    index_kpool=4, index_head_dim=8, index_n_heads=2, linear_head_dim=8, linear_num_heads=4, hc_mult=2,
-    hc_sinkhorn_iters=2, pad_token_id=0, router_aux_loss_coef=0.02, output_router_logits=True, **ATTENTION,
+    hidden_size=H,
+    intermediate_size=48,
+    moe_intermediate_size=I,
+    n_routed_experts=E,
+    num_experts_per_tok=K,
+    n_shared_experts=1,
+    n_group=2,
+    topk_group=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.5,
+    hidden_act="silu",
+    swiglu_limit=CLAMP,
+    mlp_layer_types=["sparse"],
+    layer_types=["full_attention"],
+    num_hidden_layers=1,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=0,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    index_topk=8,
+    index_kpool=4,
+    index_head_dim=8,
+    index_n_heads=2,
+    linear_head_dim=8,
+    linear_num_heads=4,
+    hc_mult=2,
+    hc_sinkhorn_iters=2,
+    pad_token_id=0,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
+    **ATTENTION,
 )
 """GLM-5-Next text config: one DSA attention layer (NoPE: ``qk_rope_head_dim=0`` is required), one MoE."""
 
@@ -70,10 +110,25 @@ GLM5_NEXT_SPEC = dict(
 # --- MiniMax-M3 -------------------------------------------------------------------------------------------
 
 MINIMAX_M3_TEXT = dict(
-    hidden_size=H, intermediate_size=I, shared_intermediate_size=S, dense_intermediate_size=48, num_local_experts=E,
-    num_experts_per_tok=K, routed_scaling_factor=2.0, swiglu_alpha=1.702, swiglu_limit=CLAMP, router_jitter_noise=0.0,
-    mlp_layer_types=["sparse"], layer_types=["full_attention"], num_hidden_layers=1, head_dim=8, rotary_dim=8,
-    router_aux_loss_coef=0.02, output_router_logits=True, **TOKENS, **ATTENTION,
+    hidden_size=H,
+    intermediate_size=I,
+    shared_intermediate_size=S,
+    dense_intermediate_size=48,
+    num_local_experts=E,
+    num_experts_per_tok=K,
+    routed_scaling_factor=2.0,
+    swiglu_alpha=1.702,
+    swiglu_limit=CLAMP,
+    router_jitter_noise=0.0,
+    mlp_layer_types=["sparse"],
+    layer_types=["full_attention"],
+    num_hidden_layers=1,
+    head_dim=8,
+    rotary_dim=8,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
+    **TOKENS,
+    **ATTENTION,
 )
 """MiniMax-M3 text config: routed and shared experts both use the GPT-OSS clamped activation (α, L)."""
 
@@ -82,41 +137,77 @@ GPTOSS_CLAMPED = ExpertSpec(glu="gptoss_clamped", gptoss_alpha=1.702, gptoss_lim
 MINIMAX_M3_SPEC = dict(
     # Sigmoid + selection bias (router buffer), renormalised without eps; the block scales the routed output.
     router=RouterSpec(
-        scoring="sigmoid", select_on="scores", selection_bias=True, weight_from="scores", renorm="always",
-        routed_scaling=2.0, scaling_site="output",
+        scoring="sigmoid",
+        select_on="scores",
+        selection_bias=True,
+        weight_from="scores",
+        renorm="always",
+        routed_scaling=2.0,
+        scaling_site="output",
     ),
     experts=GPTOSS_CLAMPED,
     shared=SharedSpec(S, mlp=GPTOSS_CLAMPED),
 )
 
-MINIMAX_M3_PARAMS = BIASED_GATE + FUSED_EXPERTS + (
-    Binding("shared_experts.gate_up_proj.weight", ("shared.w_gate", "shared.w_up"), "gate_up_rows"),
-    Binding("shared_experts.down_proj.weight", ("shared.w_down",)),
+MINIMAX_M3_PARAMS = (
+    BIASED_GATE
+    + FUSED_EXPERTS
+    + (
+        Binding("shared_experts.gate_up_proj.weight", ("shared.w_gate", "shared.w_up"), "gate_up_rows"),
+        Binding("shared_experts.down_proj.weight", ("shared.w_down",)),
+    )
 )
 
 # --- Inkling2 -----------------------------------------------------------------------------------------------
 
 INKLING2_TEXT = dict(
-    hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=K, route_scale=2.0,
-    scoring_func="sigmoid", mlp_gate_softcap=SOFTCAP_GATE, mlp_up_softcap=SOFTCAP_UP, num_hidden_layers=1,
-    layer_types=["hybrid_sliding"], head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_head_dim=8,
-    sliding_window_size=8, d_rel=4, rel_extent=16, n_layers_per_attn_res_block=1, unpadded_vocab_size=128,
-    pad_token_id=0, eos_token_id=1, **ATTENTION,
+    hidden_size=H,
+    moe_intermediate_size=I,
+    n_routed_experts=E,
+    num_experts_per_tok=K,
+    route_scale=2.0,
+    scoring_func="sigmoid",
+    mlp_gate_softcap=SOFTCAP_GATE,
+    mlp_up_softcap=SOFTCAP_UP,
+    num_hidden_layers=1,
+    layer_types=["hybrid_sliding"],
+    head_dim=8,
+    swa_num_attention_heads=4,
+    swa_num_key_value_heads=4,
+    swa_head_dim=8,
+    sliding_window_size=8,
+    d_rel=4,
+    rel_extent=16,
+    n_layers_per_attn_res_block=1,
+    unpadded_vocab_size=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    **ATTENTION,
 )
 """Inkling2 text config (one sliding-window layer)."""
 
 INKLING2_SPEC = dict(
     # Sigmoid + selection bias, renormalised (+1e-20), weights × route_scale.
     router=RouterSpec(
-        scoring="sigmoid", select_on="scores", selection_bias=True, weight_from="scores", renorm="always",
-        renorm_eps=1e-20, routed_scaling=2.0,
+        scoring="sigmoid",
+        select_on="scores",
+        selection_bias=True,
+        weight_from="scores",
+        renorm="always",
+        renorm_eps=1e-20,
+        routed_scaling=2.0,
     ),
     experts=ExpertSpec(glu="softcapped_swiglu", softcap_gate=SOFTCAP_GATE, softcap_up=SOFTCAP_UP),
 )
 
 INKLING2_LOOP_TEXT = dict(
-    INKLING2_TEXT, num_hidden_layers=2, layer_types=["hybrid_sliding", "hybrid_sliding"], loop_layer_index_start=1,
-    loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=4,
+    INKLING2_TEXT,
+    num_hidden_layers=2,
+    layer_types=["hybrid_sliding", "hybrid_sliding"],
+    loop_layer_index_start=1,
+    loop_layer_index_end=2,
+    loop_num_passes=2,
+    loop_gate_rank=4,
 )
 """Inkling2-Loop text config: layer 0 plain, layer 1 looped twice."""
 
@@ -125,8 +216,17 @@ INKLING2_PARAMS = GATE + (Binding("gate.e_score_correction_bias", ("router.selec
 # --- OpenAI privacy filter ----------------------------------------------------------------------------------
 
 PRIVACY_FILTER = dict(
-    hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K, swiglu_alpha=1.702,
-    swiglu_limit=ROUTED_CLAMP, num_hidden_layers=1, head_dim=8, sliding_window=8, rope_parameters=ROPE, **TOKENS,
+    hidden_size=H,
+    intermediate_size=I,
+    num_local_experts=E,
+    num_experts_per_tok=K,
+    swiglu_alpha=1.702,
+    swiglu_limit=ROUTED_CLAMP,
+    num_hidden_layers=1,
+    head_dim=8,
+    sliding_window=8,
+    rope_parameters=ROPE,
+    **TOKENS,
     **ATTENTION,
 )
 """OpenAI privacy filter: a bidirectional token-classification encoder; no aux loss (router_aux_loss_coef and
@@ -144,7 +244,8 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_class="NemotronHForCausalLM",
         # DeepSeek-V3 router; non-gated relu² routed experts and an (always present) non-gated relu² shared MLP.
         spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), experts=RELU2, shared=SharedSpec(S, mlp=RELU2)),
-        params=BIASED_GATE + (
+        params=BIASED_GATE
+        + (
             Binding("experts.up_proj", ("experts.w_up",)),
             Binding("experts.down_proj", ("experts.w_down",)),
             Binding("shared_experts.up_proj.weight", ("shared.w_up",)),
@@ -159,8 +260,15 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_kwargs=dict(
             text_config=GLM5_NEXT_TEXT,
             vision_config=dict(
-                depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=4, temporal_patch_size=2,
-                spatial_merge_size=2, out_hidden_size=H, projection_intermediate_size=32,
+                depth=1,
+                hidden_size=16,
+                intermediate_size=16,
+                num_heads=2,
+                patch_size=4,
+                temporal_patch_size=2,
+                spatial_merge_size=2,
+                out_hidden_size=H,
+                projection_intermediate_size=32,
             ),
         ),
         modeling_module="transformers.models.glm5_next.modeling_glm5_next",
@@ -194,7 +302,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_kwargs=dict(
             text_config=MINIMAX_M3_TEXT,
             vision_config=dict(
-                hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=16,
                 patch_size=4,
             ),
             projector_hidden_size=32,
@@ -236,10 +348,17 @@ ENTRIES: tuple[ArchEntry, ...] = (
         # GPT-OSS router (logit bias, top-k on logits, softmax over the k) returning w / k; the block multiplies
         # the routed output by k (num_experts_per_tok). Experts: GPT-OSS clamped activation, biases, fp32.
         spec=MoESpec(
-            E, K, H, I,
+            E,
+            K,
+            H,
+            I,
             router=RouterSpec(
-                scoring="softmax", logit_bias=True, select_on="logits", weight_from="softmax_of_selected_logits",
-                routed_scaling=1 / K, output_scale=float(K),
+                scoring="softmax",
+                logit_bias=True,
+                select_on="logits",
+                weight_from="softmax_of_selected_logits",
+                routed_scaling=1 / K,
+                output_scale=float(K),
             ),
             experts=ExpertSpec(glu="gptoss_clamped", bias=True, gptoss_alpha=1.702, gptoss_limit=ROUTED_CLAMP),
         ),
@@ -270,11 +389,14 @@ ENTRIES: tuple[ArchEntry, ...] = (
         router_path="gate",
         experts_path="experts",
         aux_coef_attr="thinker_config.text_config.router_aux_loss_coef",
-        expectations=(Expectation(
-            "xfail", check="config_aux_loss",
-            reason="upstream: Qwen3OmniMoeForConditionalGeneration defines no forward (notes §9.5); the thinker "
-                   "adds the aux loss, but the composite model cannot be run with labels",
-        ),),
+        expectations=(
+            Expectation(
+                "xfail",
+                check="config_aux_loss",
+                reason="upstream: Qwen3OmniMoeForConditionalGeneration defines no forward (notes §9.5); the thinker "
+                "adds the aux loss, but the composite model cannot be run with labels",
+            ),
+        ),
     ),
 )
 
@@ -285,8 +407,13 @@ INKLING2_ENTRIES: tuple[ArchEntry, ...] = (
         config_kwargs=dict(
             text_config=INKLING2_TEXT,
             vision_config=dict(
-                hidden_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=4, posemb_grid_size=4,
-                projection_hidden_dim=32, text_hidden_size=H,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                patch_size=4,
+                posemb_grid_size=4,
+                projection_hidden_dim=32,
+                text_hidden_size=H,
             ),
         ),
         modeling_module="transformers.models.inkling2.modeling_inkling2",
@@ -318,8 +445,14 @@ INKLING2_ENTRIES: tuple[ArchEntry, ...] = (
         config_kwargs=dict(
             text_config=INKLING2_LOOP_TEXT,
             vision_config=dict(
-                model_type="inkling2_vision", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                patch_size=4, posemb_grid_size=4, projection_hidden_dim=32, text_hidden_size=H,
+                model_type="inkling2_vision",
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                patch_size=4,
+                posemb_grid_size=4,
+                projection_hidden_dim=32,
+                text_hidden_size=H,
             ),
         ),
         modeling_module="transformers.models.inkling2_loop.modeling_inkling2_loop",

@@ -101,7 +101,9 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def split_to_canonical(layout: Layout, block_tensor: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, ...]:
+def split_to_canonical(
+    layout: Layout, block_tensor: torch.Tensor, shapes: tuple[tuple[int, ...], ...]
+) -> tuple[torch.Tensor, ...]:
     """``from_block`` followed by a reshape to each canonical shape (needed by the flat layouts)."""
     parts = layout.from_block(block_tensor)
     if layout.name == "flat_experts_transposed":

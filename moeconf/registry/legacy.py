@@ -25,25 +25,32 @@ def per_expert(names: tuple[str, str, str]) -> tuple[Binding, ...]:
     )
 
 
-SHARED_MLP = tuple(
-    Binding(f"shared_experts.{m}_proj.weight", (f"shared.w_{m}",)) for m in ("gate", "up", "down")
-)
+SHARED_MLP = tuple(Binding(f"shared_experts.{m}_proj.weight", (f"shared.w_{m}",)) for m in ("gate", "up", "down"))
 
 LEGACY_4X: dict[str, dict[str, Any]] = {
     # 4.57: router is a bare nn.Linear (records logits); routing happens inside the block's forward.
     "mixtral": dict(
         params=(Binding("gate.weight", ("router.weight",)),) + per_expert(("w1", "w3", "w2")),
-        router_logits_index=None, routing_from="none", experts_implementations=("eager",),
+        router_logits_index=None,
+        routing_from="none",
+        experts_implementations=("eager",),
     ),
     "qwen3_moe": dict(
         params=(Binding("gate.weight", ("router.weight",)),) + per_expert(("gate_proj", "up_proj", "down_proj")),
-        router_logits_index=None, routing_from="none", experts_implementations=("eager",),
+        router_logits_index=None,
+        routing_from="none",
+        experts_implementations=("eager",),
     ),
     # 4.57: the router returns (topk_indices, topk_weights) and fills masked groups with 0.0, not -inf.
     "deepseek_v3": dict(
-        params=(Binding("gate.weight", ("router.weight",)), Binding("gate.e_score_correction_bias", ("router.selection_bias",)))
-        + per_expert(("gate_proj", "up_proj", "down_proj")) + SHARED_MLP,
-        routing_from="router_index_weights", experts_implementations=("eager",),
+        params=(
+            Binding("gate.weight", ("router.weight",)),
+            Binding("gate.e_score_correction_bias", ("router.selection_bias",)),
+        )
+        + per_expert(("gate_proj", "up_proj", "down_proj"))
+        + SHARED_MLP,
+        routing_from="router_index_weights",
+        experts_implementations=("eager",),
         spec_router=dict(group_limit=GroupLimit(n_group=2, topk_group=1, fill="zero")),
     ),
 }

@@ -49,39 +49,88 @@ QWEN_NEXT_FIELDS: dict[str, Any] = dict(
 """``MIXTRAL_FIELDS`` plus the ``QWEN_SHARED`` expert (Qwen3-Next, Qwen3.5-MoE, Qwen4-Exp)."""
 
 TINY_VISION_QWEN = dict(
-    depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=4, temporal_patch_size=2,
-    spatial_merge_size=2, out_hidden_size=H, num_position_embeddings=16,
+    depth=1,
+    hidden_size=16,
+    intermediate_size=16,
+    num_heads=2,
+    patch_size=4,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    out_hidden_size=H,
+    num_position_embeddings=16,
 )
 """A one-layer Qwen-VL vision tower (only built, never run)."""
 
 QWEN3_5_TEXT = dict(
-    hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=S, num_experts=E, num_experts_per_tok=K,
-    num_hidden_layers=1, head_dim=8, layer_types=["full_attention"], linear_key_head_dim=8, linear_value_head_dim=8,
-    linear_num_key_heads=2, linear_num_value_heads=4, router_aux_loss_coef=0.02, output_router_logits=True,
+    hidden_size=H,
+    moe_intermediate_size=I,
+    shared_expert_intermediate_size=S,
+    num_experts=E,
+    num_experts_per_tok=K,
+    num_hidden_layers=1,
+    head_dim=8,
+    layer_types=["full_attention"],
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
     **ATTENTION,
 )
 """Qwen3.5-MoE text config; it has no ``norm_topk_prob`` (the router always renormalises)."""
 
 QWEN3_VL_TEXT = dict(
-    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-    num_hidden_layers=1, decoder_sparse_step=1, head_dim=8, router_aux_loss_coef=0.02, output_router_logits=True,
+    hidden_size=H,
+    intermediate_size=48,
+    moe_intermediate_size=I,
+    num_experts=E,
+    num_experts_per_tok=K,
+    num_hidden_layers=1,
+    decoder_sparse_step=1,
+    head_dim=8,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
     rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
     **ATTENTION,
 )
 """Qwen3-VL-MoE text config; no ``norm_topk_prob`` (the router always renormalises)."""
 
 QWEN4_TEXT = dict(
-    hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=S, num_experts=E, num_experts_per_tok=K,
-    norm_topk_prob=True, num_hidden_layers=1, head_dim=8, layer_types=["linear_attention"], linear_key_head_dim=8,
-    linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, hc_count=2, hc_lowrank=4,
-    router_aux_loss_coef=0.02, output_router_logits=True, **ATTENTION,
+    hidden_size=H,
+    moe_intermediate_size=I,
+    shared_expert_intermediate_size=S,
+    num_experts=E,
+    num_experts_per_tok=K,
+    norm_topk_prob=True,
+    num_hidden_layers=1,
+    head_dim=8,
+    layer_types=["linear_attention"],
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    hc_count=2,
+    hc_lowrank=4,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
+    **ATTENTION,
 )
 """Qwen4-Exp text config (one GatedDeltaNet layer, minimal hyper-connections; no PLE, no QSA indexer)."""
 
 QWEN3_OMNI_TEXT = dict(
-    hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-    norm_topk_prob=True, num_hidden_layers=1, decoder_sparse_step=1, head_dim=8, router_aux_loss_coef=0.02,
-    output_router_logits=True, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+    hidden_size=H,
+    intermediate_size=48,
+    moe_intermediate_size=I,
+    num_experts=E,
+    num_experts_per_tok=K,
+    norm_topk_prob=True,
+    num_hidden_layers=1,
+    decoder_sparse_step=1,
+    head_dim=8,
+    router_aux_loss_coef=0.02,
+    output_router_logits=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
     **ATTENTION,
 )
 """The Qwen3-Omni thinker's text config (``qwen3_omni_moe_text``)."""
@@ -90,21 +139,47 @@ QWEN3_OMNI_THINKER = dict(
     text_config=QWEN3_OMNI_TEXT,
     vision_config=dict(TINY_VISION_QWEN, deepstack_visual_indexes=[0]),
     audio_config=dict(
-        num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16, d_model=16, output_dim=H,
-        downsample_hidden_size=8, n_window=4, n_window_infer=8, conv_chunksize=8, max_source_positions=32,
+        num_mel_bins=8,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        d_model=16,
+        output_dim=H,
+        downsample_hidden_size=8,
+        n_window=4,
+        n_window_infer=8,
+        conv_chunksize=8,
+        max_source_positions=32,
     ),
 )
 """The Qwen3-Omni thinker (``qwen3_omni_moe_thinker``) with one-layer vision and audio towers (built, never run)."""
 
 ARIA_TEXT = dict(
-    hidden_size=H, intermediate_size=I, moe_num_experts=E, moe_topk=K, moe_num_shared_experts=2, hidden_act="silu",
-    mlp_bias=False, num_hidden_layers=1, head_dim=8, pad_token_id=0, **ATTENTION,
+    hidden_size=H,
+    intermediate_size=I,
+    moe_num_experts=E,
+    moe_topk=K,
+    moe_num_shared_experts=2,
+    hidden_act="silu",
+    mlp_bias=False,
+    num_hidden_layers=1,
+    head_dim=8,
+    pad_token_id=0,
+    **ATTENTION,
 )
 """Aria text config: routed experts hard-code SiLU, the shared MLP (intermediate_size × 2) uses hidden_act."""
 
 LLAMA4_TEXT = dict(
-    hidden_size=H, intermediate_size=I, intermediate_size_mlp=48, num_local_experts=E, num_experts_per_tok=K,
-    num_hidden_layers=1, head_dim=8, interleave_moe_layer_step=1, no_rope_layers=[1], router_jitter_noise=0.0,
+    hidden_size=H,
+    intermediate_size=I,
+    intermediate_size_mlp=48,
+    num_local_experts=E,
+    num_experts_per_tok=K,
+    num_hidden_layers=1,
+    head_dim=8,
+    interleave_moe_layer_step=1,
+    no_rope_layers=[1],
+    router_jitter_noise=0.0,
     **ATTENTION,
 )
 """Llama-4 text config (``llama4_text``; the composite ``llama4`` is registered in core.py)."""
@@ -116,8 +191,16 @@ def granite_config(**layers: Any) -> dict[str, Any]:
     """Tiny config of the GraniteMoE models with a decoder-layer shared MLP; ``layers`` (layer types, window,
     Mamba sizes) come after ``num_hidden_layers``."""
     return dict(
-        hidden_size=H, intermediate_size=I, shared_intermediate_size=S, num_local_experts=E, num_experts_per_tok=K,
-        num_hidden_layers=1, **layers, router_aux_loss_coef=0.02, output_router_logits=True, **ATTENTION,
+        hidden_size=H,
+        intermediate_size=I,
+        shared_intermediate_size=S,
+        num_local_experts=E,
+        num_experts_per_tok=K,
+        num_hidden_layers=1,
+        **layers,
+        router_aux_loss_coef=0.02,
+        output_router_logits=True,
+        **ATTENTION,
     )
 
 
@@ -181,11 +264,14 @@ QWEN3_OMNI_MOE_THINKER = ArchEntry(
     block_config_attr="text_config",
     **MIXTRAL_FIELDS,
     aux_coef_attr="text_config.router_aux_loss_coef",
-    expectations=(Expectation(
-        "xfail", check="config_aux_loss",
-        reason="upstream: Qwen3OmniMoeThinkerForConditionalGeneration.forward reads config.vision_start_token_id, "
-               "which only the talker config defines (notes §9.5): the loss cannot be computed from this config",
-    ),),
+    expectations=(
+        Expectation(
+            "xfail",
+            check="config_aux_loss",
+            reason="upstream: Qwen3OmniMoeThinkerForConditionalGeneration.forward reads config.vision_start_token_id, "
+            "which only the talker config defines (notes §9.5): the loss cannot be computed from this config",
+        ),
+    ),
 )
 
 ARIA = ArchEntry(
@@ -193,8 +279,14 @@ ARIA = ArchEntry(
     config_class="AriaConfig",
     config_kwargs=dict(
         text_config=ARIA_TEXT,
-        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=4),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
         projector_patch_to_query_dict={16: 4},
     ),
     modeling_module="transformers.models.aria.modeling_aria",
@@ -203,10 +295,12 @@ ARIA = ArchEntry(
     model_class="AriaForConditionalGeneration",
     block_config_attr="text_config",
     spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, shared=SharedSpec(2 * I)),
-    params=ROUTER + (
+    params=ROUTER
+    + (
         Binding("experts.gate_up_proj", ("experts.w_gate", "experts.w_up"), "gate_up_cols"),
         Binding("experts.down_proj", ("experts.w_down",), "transposed"),
-    ) + shared_mlp("shared_experts"),
+    )
+    + shared_mlp("shared_experts"),
     router_path="router",
     experts_path="experts",
 )
@@ -217,9 +311,17 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="minimax",
         config_class="MiniMaxConfig",
         config_kwargs=dict(
-            hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K, num_hidden_layers=1,
-            head_dim=8, layer_types=["full_attention"], router_jitter_noise=0.0, router_aux_loss_coef=0.02,
-            output_router_logits=True, **ATTENTION,
+            hidden_size=H,
+            intermediate_size=I,
+            num_local_experts=E,
+            num_experts_per_tok=K,
+            num_hidden_layers=1,
+            head_dim=8,
+            layer_types=["full_attention"],
+            router_jitter_noise=0.0,
+            router_aux_loss_coef=0.02,
+            output_router_logits=True,
+            **ATTENTION,
         ),
         modeling_module="transformers.models.minimax.modeling_minimax",
         block_class="MiniMaxSparseMoeBlock",
@@ -232,10 +334,23 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="qwen3_next",
         config_class="Qwen3NextConfig",
         config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, shared_expert_intermediate_size=S,
-            num_experts=E, num_experts_per_tok=K, norm_topk_prob=True, num_hidden_layers=1, decoder_sparse_step=1,
-            head_dim=8, layer_types=["full_attention"], linear_key_head_dim=8, linear_value_head_dim=8,
-            linear_num_key_heads=2, linear_num_value_heads=4, router_aux_loss_coef=0.02, output_router_logits=True,
+            hidden_size=H,
+            intermediate_size=48,
+            moe_intermediate_size=I,
+            shared_expert_intermediate_size=S,
+            num_experts=E,
+            num_experts_per_tok=K,
+            norm_topk_prob=True,
+            num_hidden_layers=1,
+            decoder_sparse_step=1,
+            head_dim=8,
+            layer_types=["full_attention"],
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            router_aux_loss_coef=0.02,
+            output_router_logits=True,
             **ATTENTION,
         ),
         modeling_module="transformers.models.qwen3_next.modeling_qwen3_next",
@@ -247,27 +362,44 @@ ENTRIES: tuple[ArchEntry, ...] = (
     ),
     QWEN3_5_MOE,
     sub_config_variant(
-        QWEN3_5_MOE, model_type="qwen3_5_moe_text", config_class="Qwen3_5MoeTextConfig",
-        block_path="model.layers.0.mlp", model_class="Qwen3_5MoeForCausalLM", aux_coef_attr="router_aux_loss_coef",
+        QWEN3_5_MOE,
+        model_type="qwen3_5_moe_text",
+        config_class="Qwen3_5MoeTextConfig",
+        block_path="model.layers.0.mlp",
+        model_class="Qwen3_5MoeForCausalLM",
+        aux_coef_attr="router_aux_loss_coef",
     ),
     QWEN3_VL_MOE,
     # The text model has no loss: only Qwen3VLMoeForConditionalGeneration adds the aux loss.
     sub_config_variant(
-        QWEN3_VL_MOE, model_type="qwen3_vl_moe_text", config_class="Qwen3VLMoeTextConfig",
-        block_path="layers.0.mlp", model_class="Qwen3VLMoeTextModel",
-        spec=replace(QWEN3_VL_MOE.spec, losses=LossSpec()), aux_coef_attr=None,
+        QWEN3_VL_MOE,
+        model_type="qwen3_vl_moe_text",
+        config_class="Qwen3VLMoeTextConfig",
+        block_path="layers.0.mlp",
+        model_class="Qwen3VLMoeTextModel",
+        spec=replace(QWEN3_VL_MOE.spec, losses=LossSpec()),
+        aux_coef_attr=None,
     ),
     QWEN4_EXP,
     sub_config_variant(
-        QWEN4_EXP, model_type="qwen4_exp_text", config_class="Qwen4ExpTextConfig",
-        block_path="model.layers.0.mlp", model_class="Qwen4ExpForCausalLM", aux_coef_attr="router_aux_loss_coef",
+        QWEN4_EXP,
+        model_type="qwen4_exp_text",
+        config_class="Qwen4ExpTextConfig",
+        block_path="model.layers.0.mlp",
+        model_class="Qwen4ExpForCausalLM",
+        aux_coef_attr="router_aux_loss_coef",
     ),
     QWEN3_OMNI_MOE_THINKER,
     # The text model has no loss: the aux loss is added by Qwen3OmniMoeThinkerForConditionalGeneration.
     sub_config_variant(
-        QWEN3_OMNI_MOE_THINKER, model_type="qwen3_omni_moe_text", config_class="Qwen3OmniMoeTextConfig",
-        block_path="layers.0.mlp", model_class="Qwen3OmniMoeThinkerTextModel",
-        spec=replace(QWEN3_OMNI_MOE_THINKER.spec, losses=LossSpec()), aux_coef_attr=None, expectations=(),
+        QWEN3_OMNI_MOE_THINKER,
+        model_type="qwen3_omni_moe_text",
+        config_class="Qwen3OmniMoeTextConfig",
+        block_path="layers.0.mlp",
+        model_class="Qwen3OmniMoeThinkerTextModel",
+        spec=replace(QWEN3_OMNI_MOE_THINKER.spec, losses=LossSpec()),
+        aux_coef_attr=None,
+        expectations=(),
     ),
     ArchEntry(
         model_type="qwen3_omni_moe_talker_text",
@@ -275,10 +407,20 @@ ENTRIES: tuple[ArchEntry, ...] = (
         # shared_expert_intermediate_size is read by the block but is not a field of the config: pass it.
         # norm_topk_prob=False: the talker's default (the thinker covers the renormalised path).
         config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, shared_expert_intermediate_size=S,
-            num_experts=E, num_experts_per_tok=K, norm_topk_prob=False, num_hidden_layers=1, decoder_sparse_step=1,
-            head_dim=8, router_aux_loss_coef=0.02, output_router_logits=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]}, **ATTENTION,
+            hidden_size=H,
+            intermediate_size=48,
+            moe_intermediate_size=I,
+            shared_expert_intermediate_size=S,
+            num_experts=E,
+            num_experts_per_tok=K,
+            norm_topk_prob=False,
+            num_hidden_layers=1,
+            decoder_sparse_step=1,
+            head_dim=8,
+            router_aux_loss_coef=0.02,
+            output_router_logits=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+            **ATTENTION,
         ),
         modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
         block_class="Qwen3OmniMoeTalkerTextSparseMoeBlock",
@@ -294,8 +436,16 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="flex_olmo",
         config_class="FlexOlmoConfig",
         config_kwargs=dict(
-            hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K, norm_topk_prob=False,
-            num_hidden_layers=1, pad_token_id=0, eos_token_id=1, router_aux_loss_coef=0.02, output_router_logits=True,
+            hidden_size=H,
+            intermediate_size=I,
+            num_experts=E,
+            num_experts_per_tok=K,
+            norm_topk_prob=False,
+            num_hidden_layers=1,
+            pad_token_id=0,
+            eos_token_id=1,
+            router_aux_loss_coef=0.02,
+            output_router_logits=True,
             **ATTENTION,
         ),
         modeling_module="transformers.models.flex_olmo.modeling_flex_olmo",
@@ -312,9 +462,19 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="mellum",
         config_class="MellumConfig",
         config_kwargs=dict(
-            hidden_size=H, intermediate_size=48, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-            norm_topk_prob=True, num_hidden_layers=1, head_dim=8, layer_types=["full_attention"],
-            mlp_layer_types=["sparse"], router_aux_loss_coef=0.02, output_router_logits=True, **ATTENTION,
+            hidden_size=H,
+            intermediate_size=48,
+            moe_intermediate_size=I,
+            num_experts=E,
+            num_experts_per_tok=K,
+            norm_topk_prob=True,
+            num_hidden_layers=1,
+            head_dim=8,
+            layer_types=["full_attention"],
+            mlp_layer_types=["sparse"],
+            router_aux_loss_coef=0.02,
+            output_router_logits=True,
+            **ATTENTION,
         ),
         modeling_module="transformers.models.mellum.modeling_mellum",
         block_class="MellumSparseMoeBlock",
@@ -328,10 +488,22 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_class="LaraMiniConfig",
         # Router logits in fp32; the ungated shared expert is always added.
         config_kwargs=dict(
-            hidden_size=H, moe_intermediate_size=I, shared_expert_intermediate_size=S, num_experts=E,
-            num_experts_per_tok=K, norm_topk_prob=True, num_hidden_layers=1, head_dim=8,
-            layer_types=["full_attention"], linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
-            linear_num_value_heads=4, router_aux_loss_coef=0.02, output_router_logits=True, **ATTENTION,
+            hidden_size=H,
+            moe_intermediate_size=I,
+            shared_expert_intermediate_size=S,
+            num_experts=E,
+            num_experts_per_tok=K,
+            norm_topk_prob=True,
+            num_hidden_layers=1,
+            head_dim=8,
+            layer_types=["full_attention"],
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            router_aux_loss_coef=0.02,
+            output_router_logits=True,
+            **ATTENTION,
         ),
         modeling_module="transformers.models.lara_mini.modeling_lara_mini",
         block_class="LaraMiniSparseMoeBlock",
@@ -349,7 +521,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
         # The shared MLP and the experts both use intermediate_size: the shared width is I, not S.
         # The router's wg is created in fp32 (upcasting the input); no aux loss is computed.
         config_kwargs=dict(
-            hidden_size=H, intermediate_size=I, num_experts=E, moe_topk=K, num_hidden_layers=1, head_dim=8,
+            hidden_size=H,
+            intermediate_size=I,
+            num_experts=E,
+            moe_topk=K,
+            num_hidden_layers=1,
+            head_dim=8,
             **ATTENTION,
         ),
         modeling_module="transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe",
@@ -389,7 +566,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_class="GraniteMoeHybridConfig",
         # The shared MLP is always present here.
         config_kwargs=granite_config(
-            layer_types=["full_attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8,
+            layer_types=["full_attention"],
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_chunk_size=8,
         ),
         modeling_module="transformers.models.granitemoehybrid.modeling_granitemoehybrid",
         block_class="GraniteMoeHybridMoE",
@@ -400,7 +581,10 @@ ENTRIES: tuple[ArchEntry, ...] = (
     ),
     ARIA,
     sub_config_variant(
-        ARIA, model_type="aria_text", config_class="AriaTextConfig", block_path="model.layers.0.mlp",
+        ARIA,
+        model_type="aria_text",
+        config_class="AriaTextConfig",
+        block_path="model.layers.0.mlp",
         model_class="AriaTextForCausalLM",
     ),
     ArchEntry(
@@ -409,9 +593,18 @@ ENTRIES: tuple[ArchEntry, ...] = (
         # expert_selection_fn="softmax" (top-k on logits, softmax over the k); two shared experts fused into one
         # MLP of width intermediate_size × 2, averaged with the routed output ("average"). No aux loss.
         config_kwargs=dict(
-            hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=K, num_shared_experts=2,
-            shared_expert_combination_strategy="average", expert_selection_fn="softmax", norm_topk_prob=True,
-            num_hidden_layers=1, head_dim=8, layer_types=["full_attention"], mlp_layer_types=["sparse"],
+            hidden_size=H,
+            intermediate_size=I,
+            num_experts=E,
+            num_experts_per_tok=K,
+            num_shared_experts=2,
+            shared_expert_combination_strategy="average",
+            expert_selection_fn="softmax",
+            norm_topk_prob=True,
+            num_hidden_layers=1,
+            head_dim=8,
+            layer_types=["full_attention"],
+            mlp_layer_types=["sparse"],
             **ATTENTION,
         ),
         modeling_module="transformers.models.cohere2_moe.modeling_cohere2_moe",
@@ -426,8 +619,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
     # core.py's llama4 block under the text model type, with its own text config (it also sets
     # router_jitter_noise=0.0). No aux loss (the config's router_aux_loss_coef is unused).
     replace(
-        LLAMA4, model_type="llama4_text", config_class="Llama4TextConfig", config_kwargs=LLAMA4_TEXT,
-        block_path="model.layers.0.feed_forward", model_class="Llama4ForCausalLM", block_config_attr=None,
+        LLAMA4,
+        model_type="llama4_text",
+        config_class="Llama4TextConfig",
+        config_kwargs=LLAMA4_TEXT,
+        block_path="model.layers.0.feed_forward",
+        model_class="Llama4ForCausalLM",
+        block_config_attr=None,
     ),
 )
-

@@ -32,6 +32,8 @@ def test_parity(arch: str, backend: str, dtype: str) -> None:
     records = [r for group in run_selection(sel) for r in group]
     bad = [r for r in records if r.status in FAILING]
     if bad:
-        pytest.fail("\n".join(f"{r.status} {r.case}/{r.check}: {r.message}\n  repro: {r.repro}" for r in bad), pytrace=False)
+        pytest.fail(
+            "\n".join(f"{r.status} {r.case}/{r.check}: {r.message}\n  repro: {r.repro}" for r in bad), pytrace=False
+        )
     if all(r.status == "skip" for r in records):
         pytest.skip(records[0].message if records else "nothing to check")

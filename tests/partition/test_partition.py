@@ -44,7 +44,14 @@ def test_fixed_backend_matches_the_reference(arch: str, backend: str) -> None:
     bad = [f"{r.case}/{r.check}: {r.message[:300]}" for r in records if r.status in ("fail", "error")]
     assert records and not bad, "\n".join(bad)
     passed = {r.check for r in records if r.status == "pass"}
-    assert {"output", "grad_experts", "no_hang", "partition_grads", "partition_zero_grads", "partition_params"} <= passed
+    assert {
+        "output",
+        "grad_experts",
+        "no_hang",
+        "partition_grads",
+        "partition_zero_grads",
+        "partition_params",
+    } <= passed
 
 
 # What the negative controls do. Under 4.57 every one must be caught; under 5.x this records the
@@ -80,10 +87,23 @@ def test_rank_killed_mid_step_is_reported_within_10_s(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     entry = REGISTRY["mixtral"]
     steps, _ = make_steps(entry, torch.float32, "cpu")
-    job = RankJob(entry, "zero2", False, True, torch.float32, (), StepsInput(steps.params, steps.batches, steps.grad_outputs, steps.lr))
+    job = RankJob(
+        entry,
+        "zero2",
+        False,
+        True,
+        torch.float32,
+        (),
+        StepsInput(steps.params, steps.batches, steps.grad_outputs, steps.lr),
+    )
     marker = tmp_path / "killed_at"
-    result = run_ranks("tests.partition.rank_fns:run_job_then_die", (job, str(marker)), world_size=2, deadline_s=120,
-                       env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    result = run_ranks(
+        "tests.partition.rank_fns:run_job_then_die",
+        (job, str(marker)),
+        world_size=2,
+        deadline_s=120,
+        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
     detected = time.time()
     assert result.status == "crash" and result.failed_rank == 1
     assert result.outcomes[1].signal == signal.SIGKILL.name or "SIGKILL" in result.report()
