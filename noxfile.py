@@ -76,36 +76,24 @@ def cpu(session: nox.Session) -> None:
     _pytest(session, "tests", "moeconf/suites", env={"MOECONF_DEVICE": "cpu"})
 
 
+def _device_parity(session: nox.Session, device: str, backends: str) -> None:
+    """The parity suite on an accelerator, fp32 and bf16, after the device probe."""
+    _require_device(session, device)
+    _install(session)
+    env = {"MOECONF_DEVICE": device, "MOECONF_DTYPES": "fp32,bf16", "MOECONF_BACKENDS": backends}
+    _pytest(session, "moeconf/suites", env=env)
+
+
 @nox.session(venv_backend="none")
 def cuda(session: nox.Session) -> None:
     """Parity suite on CUDA, fp32 and bf16."""
-    _require_device(session, "cuda")
-    _install(session)
-    _pytest(
-        session,
-        "moeconf/suites",
-        env={
-            "MOECONF_DEVICE": "cuda",
-            "MOECONF_DTYPES": "fp32,bf16",
-            "MOECONF_BACKENDS": "hf-eager,hf-grouped-mm,hf-batched-mm,grouped-mm",
-        },
-    )
+    _device_parity(session, "cuda", "hf-eager,hf-grouped-mm,hf-batched-mm,grouped-mm")
 
 
 @nox.session(venv_backend="none")
 def npu(session: nox.Session) -> None:
     """Parity suite on Ascend NPU with the image's torch + torch_npu + CANN."""
-    _require_device(session, "npu")
-    _install(session)
-    _pytest(
-        session,
-        "moeconf/suites",
-        env={
-            "MOECONF_DEVICE": "npu",
-            "MOECONF_DTYPES": "fp32,bf16",
-            "MOECONF_BACKENDS": "hf-eager,npu-gmm",
-        },
-    )
+    _device_parity(session, "npu", "hf-eager,npu-gmm")
 
 
 PARTITION_TRANSFORMERS = {"5": "transformers>=5.24,<6", "4.57": "transformers>=4.57,<4.58"}
