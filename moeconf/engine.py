@@ -175,7 +175,7 @@ def _steps_records(
     entry: ArchEntry,
     name: str,
     dtype: str,
-    steps_ref: StepsReference,
+    steps_ref: StepsReference | None,
     result: StepsObservation | BaseException | None,
 ) -> list[CheckResult]:
     checks = [c for c in PARTITION_CHECKS if c in sel.checks]
@@ -184,9 +184,37 @@ def _steps_records(
         outcome = _failure(result)
         full = Outcome(outcome.passed, message=str(result))  # the hang report with every rank's stack
         return _records(sel, entry, name, dtype, case, checks, lambda c: full if c == "no_hang" else outcome)
-    assert result is not None
+    assert result is not None and steps_ref is not None
     outcomes = steps_outcomes(steps_ref, result, dtype)
     return _records(sel, entry, name, dtype, case, checks, lambda c: outcomes[c])
+
+
+def _session_records(
+    sel: Selection,
+    entry: ArchEntry,
+    name: str,
+    backend: Backend,
+    dtype: str,
+    checks: list[str],
+    prepared: list[tuple[Case, RunRequest]],
+    check_input: Callable[[Case], Callable[[Observation], CheckInput]],
+) -> Iterator[list[CheckResult]]:
+    """A multi-rank backend: every case plus the adversarial steps in one launch (``run_session``)."""
+    want_steps = STEPS_CASE in sel.cases and any(c in sel.checks for c in PARTITION_CHECKS)
+    steps_ref = None
+    try:
+        steps_request = None
+        if want_steps:
+            steps_request, steps_ref = make_steps(entry, DTYPES[dtype], sel.device, seed=sel.seed)
+        observations, steps_obs = backend.run_session([req for _, req in prepared], steps_request)  # type: ignore[attr-defined]
+        results: list[Observation | BaseException] = list(observations)
+        steps_result: StepsObservation | BaseException | None = steps_obs
+    except Exception as exc:  # a hang, a crash or unusable inputs fail every case of the launch
+        results, steps_result = [exc] * len(prepared), exc
+    for (case, _), result in zip(prepared, results):
+        yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
+    if want_steps:
+        yield _steps_records(sel, entry, name, dtype, steps_ref, steps_result)
 
 
 def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dtype: str) -> Iterator[list[CheckResult]]:
@@ -197,7 +225,7 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
     checks = [c for c in applicable_checks(entry.spec) if c in sel.checks]
     torch_dtype = DTYPES[dtype]
     cases = [c for c in CASES if c.name in sel.cases]
-    prepared: list[tuple[Case, RunRequest, CheckInput | None]] = []
+    prepared: list[tuple[Case, RunRequest]] = []
     references = {}
     for case in cases:
         try:
@@ -213,7 +241,7 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
         request = RunRequest(
             entry, inputs.params, inputs.hidden, inputs.attention_mask, inputs.grad_output, torch_dtype, sel.device
         )
-        prepared.append((case, request, None))
+        prepared.append((case, request))
         references[case.name] = (reference, ref_grads)
 
     def check_input(case: Case) -> Callable[[Observation], CheckInput]:
@@ -225,26 +253,13 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
             backend.supports(entry, dtype, sel.device) if dtype in backend.dtypes else f"{name} does not run {dtype}"
         )
         if reason is not None:
-            for case, _, _ in prepared:
+            for case, _ in prepared:
                 yield _records(sel, entry, name, dtype, case, checks, lambda _c, r=reason: Outcome(None, message=r))
             continue
-        run_session = getattr(backend, "run_session", None)
-        if run_session is not None:
-            steps_request, steps_ref = None, None
-            if STEPS_CASE in sel.cases and any(c in sel.checks for c in PARTITION_CHECKS):
-                steps_request, steps_ref = make_steps(entry, torch_dtype, sel.device, seed=sel.seed)
-            try:
-                observations, steps_obs = run_session([req for _, req, _ in prepared], steps_request)
-                results: list[Observation | BaseException] = list(observations)
-                steps_result: StepsObservation | BaseException | None = steps_obs
-            except Exception as exc:  # a hang or crash fails every case of the launch
-                results, steps_result = [exc] * len(prepared), exc
-            for (case, _, _), result in zip(prepared, results):
-                yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
-            if steps_ref is not None:
-                yield _steps_records(sel, entry, name, dtype, steps_ref, steps_result)
+        if getattr(backend, "run_session", None) is not None:
+            yield from _session_records(sel, entry, name, backend, dtype, checks, prepared, check_input)
             continue
-        for case, request, _ in prepared:
+        for case, request in prepared:
             try:
                 result: Observation | BaseException = backend.run(request)
             except Exception as exc:  # the backend broke: report it, keep gating the rest
