@@ -148,6 +148,28 @@ def _failure(exc: BaseException) -> Outcome:
     return Outcome(False if getattr(exc, "status", "error") == "fail" else None, message=_one_line(exc))
 
 
+def _raised_records(
+    sel: Selection,
+    entry: ArchEntry,
+    name: str,
+    dtype: str,
+    case: Case,
+    checks: list[str],
+    exc: BaseException,
+    detail: str | None = None,
+) -> list[CheckResult]:
+    """Records of a backend that raised: ``error`` if it broke, ``fail`` for a hang or a dead rank
+    (``detail``, the full report with every rank's stack, goes on the ``no_hang`` record)."""
+    outcome = _failure(exc)
+    if outcome.passed is None:
+        return [
+            dataclasses.replace(r, status="error", message=f"backend raised {outcome.message}")
+            for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))
+        ]
+    full = Outcome(False, message=detail) if detail else outcome
+    return _records(sel, entry, name, dtype, case, checks, lambda c: full if c == "no_hang" else outcome)
+
+
 def _as_records(
     sel: Selection,
     entry: ArchEntry,
@@ -159,13 +181,7 @@ def _as_records(
     check_input: Callable[[Observation], CheckInput],
 ) -> list[CheckResult]:
     if isinstance(result, BaseException):
-        outcome = _failure(result)
-        if outcome.passed is None:  # the backend broke: every record is an error
-            return [
-                dataclasses.replace(r, status="error", message=f"backend raised {outcome.message}")
-                for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))
-            ]
-        return _records(sel, entry, name, dtype, case, checks, lambda _c: outcome)
+        return _raised_records(sel, entry, name, dtype, case, checks, result)
     ci = check_input(result)
     return _records(sel, entry, name, dtype, case, checks, lambda c: CHECKS[c](ci))
 
@@ -181,9 +197,7 @@ def _steps_records(
     checks = [c for c in PARTITION_CHECKS if c in sel.checks]
     case = Case(STEPS_CASE, 1, 1, "none", "adversarial multi-step routing")
     if isinstance(result, BaseException):
-        outcome = _failure(result)
-        full = Outcome(outcome.passed, message=str(result))  # the hang report with every rank's stack
-        return _records(sel, entry, name, dtype, case, checks, lambda c: full if c == "no_hang" else outcome)
+        return _raised_records(sel, entry, name, dtype, case, checks, result, detail=str(result))
     assert result is not None and steps_ref is not None
     outcomes = steps_outcomes(steps_ref, result, dtype)
     return _records(sel, entry, name, dtype, case, checks, lambda c: outcomes[c])

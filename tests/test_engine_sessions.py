@@ -1,0 +1,51 @@
+"""The engine's handling of multi-rank backends, without launching ranks: a hang or a dead rank turns
+every record of the launch red (``fail``, with the full report on ``no_hang``); a broken backend is an
+``error``."""
+
+from __future__ import annotations
+
+from moeconf.backends import BackendError, Observation
+from moeconf.engine import Selection, run_arch
+from moeconf.partition.checks import STEPS_CASE
+from moeconf.registry import REGISTRY
+
+
+class Hang(BackendError):
+    status = "fail"
+
+
+class FakeMultiRank:
+    name = "fake-multirank"
+    devices = ("cpu",)
+    dtypes = ("fp32",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def supports(self, entry, dtype, device):  # type: ignore[no-untyped-def]
+        return None
+
+    def run(self, request) -> Observation:  # type: ignore[no-untyped-def]
+        raise self.exc
+
+    def run_session(self, requests, steps):  # type: ignore[no-untyped-def]
+        raise self.exc
+
+
+def _records(exc: Exception) -> list:
+    sel = Selection(archs=("mixtral",), backends=("fake",), cases=("random", STEPS_CASE))
+    return [r for g in run_arch(sel, REGISTRY["mixtral"], {"fake": FakeMultiRank(exc)}, "fp32") for r in g]
+
+
+def test_a_hang_fails_every_record_and_keeps_the_stacks() -> None:
+    report = "deadlock: ranks still running after 45 s\n--- rank 0: ...stack...\n--- rank 1: ...stack..."
+    records = _records(Hang(report))
+    assert records and {r.status for r in records} == {"fail"}
+    assert {r.case for r in records} == {"random", STEPS_CASE}
+    no_hang = next(r for r in records if r.check == "no_hang")
+    assert "--- rank 0" in no_hang.message and "--- rank 1" in no_hang.message
+
+
+def test_a_broken_backend_is_an_error_not_a_failed_check() -> None:
+    records = _records(RuntimeError("import failed"))
+    assert {r.status for r in records} == {"error"}
