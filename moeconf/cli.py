@@ -27,10 +27,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_BACKENDS = ("hf-eager", "hf-grouped-mm", "hf-batched-mm")
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line, exit 2."""
-
-
 def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,7 +145,11 @@ def _check(args: argparse.Namespace, program: str) -> int:
     wall = time.perf_counter() - start
     text = RENDERERS[args.format](records, wall)
     if args.output:
-        write_atomically(args.output, text)
+        try:
+            write_atomically(args.output, text)
+        except OSError as exc:
+            print(f"moeconf: error: cannot write the report to {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USAGE
         if not args.quiet:
             print(f"report written to {args.output}", file=sys.stderr)
     else:
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None, program: str = "moeconf") -> int:
 
             return main_discover(args.args)
         return _check(args, program)
-    except (UnknownName, UsageError) as exc:
+    except UnknownName as exc:
         print(f"moeconf: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

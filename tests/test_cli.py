@@ -152,3 +152,9 @@ def test_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyte
         write_atomically(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_unwritable_report_path_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--arch", "mixtral", "--case", "single_token", "--output", "/proc/no/such/r.json", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/proc/no/such/r.json" in err[0]
