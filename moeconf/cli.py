@@ -121,8 +121,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, program: str) -> int:
     archs = tuple(args.arch or REGISTRY)
-    for arch in archs:
-        get_entry(arch)  # unknown names fail before anything runs
+    from moeconf.coverage import DECLARED_UNSUPPORTED
+
+    for arch in archs:  # unknown names fail before anything runs
+        if arch in DECLARED_UNSUPPORTED:
+            raise UnknownName(f"{arch} is declared unsupported: {DECLARED_UNSUPPORTED[arch]}")
+        get_entry(arch)
     for name in args.backend:
         resolve_backend(name)
     checks = tuple(args.check or (*CHECKS, *PARTITION_CHECKS))
