@@ -73,7 +73,8 @@ def _require_device(session: nox.Session, device: str) -> None:
 def cpu(session: nox.Session) -> None:
     """Harness tests and the CPU parity suite (fp32 + bf16, every registered architecture)."""
     _install(session)
-    _pytest(session, "tests", "moeconf/suites", env={"MOECONF_DEVICE": "cpu"})
+    # tests/partition runs in the partition session, after DeepSpeed's op is built up front.
+    _pytest(session, "tests", "moeconf/suites", "--ignore=tests/partition", env={"MOECONF_DEVICE": "cpu"})
 
 
 def _device_parity(session: nox.Session, device: str, backends: str) -> None:
