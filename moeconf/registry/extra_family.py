@@ -12,11 +12,13 @@ whose spec omits the clamp or the cap fails), see ``CLAMP`` and ``SOFTCAP_*``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp, softmax_topk
 from moeconf.registry.deepseek_family import BIASED_GATE, ROPE, TOKENS, sigmoid_router
-from moeconf.registry.entry import ArchEntry, Binding, Expectation
+from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.registry.softmax_family import GATE, QWEN3_OMNI_THINKER
-from moeconf.spec import ExpertSpec, MoESpec, RouterSpec, SharedSpec
+from moeconf.spec import ExpertSpec, LossSpec, MoESpec, RouterSpec, SharedSpec
 
 RELU2 = ExpertSpec(activation="relu2", glu="none")
 """NemotronH's non-gated ``down(relu²(up(x)))`` MLP (routed and shared)."""
@@ -233,6 +235,115 @@ PRIVACY_FILTER = dict(
 output_router_logits are config fields the model never reads)."""
 
 
+GLM5_NEXT = ArchEntry(
+    model_type="glm5_next",
+    config_class="Glm5NextConfig",
+    config_kwargs=dict(
+        text_config=GLM5_NEXT_TEXT,
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=16,
+            num_heads=2,
+            patch_size=4,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            out_hidden_size=H,
+            projection_intermediate_size=32,
+        ),
+    ),
+    modeling_module="transformers.models.glm5_next.modeling_glm5_next",
+    block_class="Glm5NextTextMoE",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Glm5NextForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, **GLM5_NEXT_SPEC, losses=SWITCH_AUX),
+    params=BIASED_GATE + FUSED_EXPERTS + shared_mlp("shared_experts"),
+    router_path="gate",
+    experts_path="experts",
+    aux_coef_attr="text_config.router_aux_loss_coef",
+)
+
+MINIMAX_M3_VL = ArchEntry(
+    model_type="minimax_m3_vl",
+    config_class="MiniMaxM3VLConfig",
+    config_kwargs=dict(
+        text_config=MINIMAX_M3_TEXT,
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        projector_hidden_size=32,
+    ),
+    modeling_module="transformers.models.minimax_m3_vl.modeling_minimax_m3_vl",
+    block_class="MiniMaxM3VLSparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="MiniMaxM3SparseForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, **MINIMAX_M3_SPEC, losses=SWITCH_AUX),
+    params=MINIMAX_M3_PARAMS,
+    router_path="gate",
+    experts_path="experts",
+    aux_coef_attr="text_config.router_aux_loss_coef",
+)
+
+INKLING2 = ArchEntry(
+    model_type="inkling2",
+    config_class="Inkling2Config",
+    config_kwargs=dict(
+        text_config=INKLING2_TEXT,
+        vision_config=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=4,
+            posemb_grid_size=4,
+            projection_hidden_dim=32,
+            text_hidden_size=H,
+        ),
+    ),
+    modeling_module="transformers.models.inkling2.modeling_inkling2",
+    block_class="Inkling2SparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Inkling2ForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
+    params=INKLING2_PARAMS,
+    router_path="gate",
+    experts_path="experts",
+)
+
+INKLING2_LOOP = ArchEntry(
+    model_type="inkling2_loop",
+    config_class="Inkling2LoopConfig",
+    config_kwargs=dict(
+        text_config=INKLING2_LOOP_TEXT,
+        vision_config=dict(
+            model_type="inkling2_vision",
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=4,
+            posemb_grid_size=4,
+            projection_hidden_dim=32,
+            text_hidden_size=H,
+        ),
+    ),
+    modeling_module="transformers.models.inkling2_loop.modeling_inkling2_loop",
+    block_class="Inkling2LoopSparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Inkling2LoopForConditionalGeneration",
+    block_config_attr="text_config",
+    spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
+    params=INKLING2_PARAMS,
+    router_path="gate",
+    experts_path="experts",
+)
+
 ENTRIES: tuple[ArchEntry, ...] = (
     ArchEntry(
         model_type="nemotron_h",
@@ -254,86 +365,24 @@ ENTRIES: tuple[ArchEntry, ...] = (
         router_path="gate",
         experts_path="experts",
     ),
-    ArchEntry(
-        model_type="glm5_next",
-        config_class="Glm5NextConfig",
-        config_kwargs=dict(
-            text_config=GLM5_NEXT_TEXT,
-            vision_config=dict(
-                depth=1,
-                hidden_size=16,
-                intermediate_size=16,
-                num_heads=2,
-                patch_size=4,
-                temporal_patch_size=2,
-                spatial_merge_size=2,
-                out_hidden_size=H,
-                projection_intermediate_size=32,
-            ),
-        ),
-        modeling_module="transformers.models.glm5_next.modeling_glm5_next",
-        block_class="Glm5NextTextMoE",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Glm5NextForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, **GLM5_NEXT_SPEC, losses=SWITCH_AUX),
-        params=BIASED_GATE + FUSED_EXPERTS + shared_mlp("shared_experts"),
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="text_config.router_aux_loss_coef",
-    ),
-    ArchEntry(
+    GLM5_NEXT,
+    # The text model has no loss (Glm5NextForConditionalGeneration adds the aux loss).
+    sub_config_variant(
+        GLM5_NEXT,
         model_type="glm5_next_text",
         config_class="Glm5NextTextConfig",
-        config_kwargs=GLM5_NEXT_TEXT,
-        modeling_module="transformers.models.glm5_next.modeling_glm5_next",
-        block_class="Glm5NextTextMoE",
         block_path="layers.0.mlp",
-        # The text model has no loss (Glm5NextForConditionalGeneration adds the aux loss).
         model_class="Glm5NextTextModel",
-        spec=MoESpec(E, K, H, I, **GLM5_NEXT_SPEC),
-        params=BIASED_GATE + FUSED_EXPERTS + shared_mlp("shared_experts"),
-        router_path="gate",
-        experts_path="experts",
+        spec=replace(GLM5_NEXT.spec, losses=LossSpec()),
+        aux_coef_attr=None,
     ),
-    ArchEntry(
-        model_type="minimax_m3_vl",
-        config_class="MiniMaxM3VLConfig",
-        config_kwargs=dict(
-            text_config=MINIMAX_M3_TEXT,
-            vision_config=dict(
-                hidden_size=16,
-                intermediate_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=16,
-                patch_size=4,
-            ),
-            projector_hidden_size=32,
-        ),
-        modeling_module="transformers.models.minimax_m3_vl.modeling_minimax_m3_vl",
-        block_class="MiniMaxM3VLSparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="MiniMaxM3SparseForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, **MINIMAX_M3_SPEC, losses=SWITCH_AUX),
-        params=MINIMAX_M3_PARAMS,
-        router_path="gate",
-        experts_path="experts",
-        aux_coef_attr="text_config.router_aux_loss_coef",
-    ),
-    ArchEntry(
+    MINIMAX_M3_VL,
+    sub_config_variant(
+        MINIMAX_M3_VL,
         model_type="minimax_m3_vl_text",
         config_class="MiniMaxM3VLTextConfig",
-        config_kwargs=MINIMAX_M3_TEXT,
-        modeling_module="transformers.models.minimax_m3_vl.modeling_minimax_m3_vl",
-        block_class="MiniMaxM3VLSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="MiniMaxM3VLForCausalLM",
-        spec=MoESpec(E, K, H, I, **MINIMAX_M3_SPEC, losses=SWITCH_AUX),
-        params=MINIMAX_M3_PARAMS,
-        router_path="gate",
-        experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
     ),
     ArchEntry(
@@ -401,82 +450,21 @@ ENTRIES: tuple[ArchEntry, ...] = (
 )
 
 INKLING2_ENTRIES: tuple[ArchEntry, ...] = (
-    ArchEntry(
-        model_type="inkling2",
-        config_class="Inkling2Config",
-        config_kwargs=dict(
-            text_config=INKLING2_TEXT,
-            vision_config=dict(
-                hidden_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                patch_size=4,
-                posemb_grid_size=4,
-                projection_hidden_dim=32,
-                text_hidden_size=H,
-            ),
-        ),
-        modeling_module="transformers.models.inkling2.modeling_inkling2",
-        block_class="Inkling2SparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Inkling2ForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
-        params=INKLING2_PARAMS,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
+    INKLING2,
+    sub_config_variant(
+        INKLING2,
         model_type="inkling2_text",
         config_class="Inkling2TextConfig",
-        config_kwargs=INKLING2_TEXT,
-        modeling_module="transformers.models.inkling2.modeling_inkling2",
-        block_class="Inkling2SparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="Inkling2ForCausalLM",
-        spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
-        params=INKLING2_PARAMS,
-        router_path="gate",
-        experts_path="experts",
     ),
-    ArchEntry(
-        model_type="inkling2_loop",
-        config_class="Inkling2LoopConfig",
-        config_kwargs=dict(
-            text_config=INKLING2_LOOP_TEXT,
-            vision_config=dict(
-                model_type="inkling2_vision",
-                hidden_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                patch_size=4,
-                posemb_grid_size=4,
-                projection_hidden_dim=32,
-                text_hidden_size=H,
-            ),
-        ),
-        modeling_module="transformers.models.inkling2_loop.modeling_inkling2_loop",
-        block_class="Inkling2LoopSparseMoeBlock",
-        block_path="model.language_model.layers.0.mlp",
-        model_class="Inkling2LoopForConditionalGeneration",
-        block_config_attr="text_config",
-        spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
-        params=INKLING2_PARAMS,
-        router_path="gate",
-        experts_path="experts",
-    ),
-    ArchEntry(
+    INKLING2_LOOP,
+    sub_config_variant(
+        INKLING2_LOOP,
         model_type="inkling2_loop_text",
         config_class="Inkling2LoopTextConfig",
-        config_kwargs=INKLING2_LOOP_TEXT,
-        modeling_module="transformers.models.inkling2_loop.modeling_inkling2_loop",
-        block_class="Inkling2LoopSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="Inkling2LoopForCausalLM",
-        spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
-        params=INKLING2_PARAMS,
-        router_path="gate",
-        experts_path="experts",
     ),
 )
 """Inkling2: bf16 runs because the backends keep ``_keep_in_fp32_modules_strict`` tensors (the router
