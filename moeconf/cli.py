@@ -158,9 +158,10 @@ def _check(args: argparse.Namespace, program: str) -> int:
             print(f"report written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    if not records:
-        print("moeconf: nothing was checked", file=sys.stderr)
-        return EXIT_FAILED
+    if all(r.status == "skip" for r in records):  # e.g. --device cuda without a GPU: green would be a lie
+        reason = records[0].message if records else "the selection is empty"
+        print(f"moeconf: error: nothing was checked ({reason})", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_FAILED if any(r.status in FAILING for r in records) else EXIT_OK
 
 

@@ -158,3 +158,8 @@ def test_unwritable_report_path_is_a_one_line_error(capsys: pytest.CaptureFixtur
     assert main(["check", "--arch", "mixtral", "--case", "single_token", "--output", "/proc/no/such/r.json", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "/proc/no/such/r.json" in err[0]
+
+
+def test_a_run_where_everything_is_skipped_is_not_green(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--arch", "gpt_oss", "--backend", "npu-gmm", "--case", "random", "--quiet"]) == 2
+    assert "nothing was checked" in capsys.readouterr().err
