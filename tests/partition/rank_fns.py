@@ -27,3 +27,32 @@ def run_job_then_die(job: rank_job.RankJob, marker: str) -> Any:
 
     rank_job._forward_backward = forward_backward
     return rank_job.run_job(job)
+
+
+def run_job_lr_doubled(job: rank_job.RankJob) -> Any:
+    """Seeded bug: the optimizer steps with twice the learning rate (params after a step go wrong)."""
+    import dataclasses
+
+    assert job.steps is not None
+    return rank_job.run_job(dataclasses.replace(job, steps=dataclasses.replace(job.steps, lr=2 * job.steps.lr)))
+
+
+def run_job_dirty_idle_grads(job: rank_job.RankJob) -> Any:
+    """Seeded bug: gathered expert gradients carry 1e-30 everywhere (idle experts are not exactly zero)."""
+    original = rank_job._gathered
+
+    def gathered(job_: Any, engine: Any, get: Any) -> Any:
+        values, missing = original(job_, engine, get)
+        if get is engine.full_grad:
+            values = {k: (v + 1e-30 if k.startswith("experts.") and v is not None else v) for k, v in values.items()}
+        return values, missing
+
+    rank_job._gathered = gathered
+    return rank_job.run_job(job)
+
+
+def run_job_output_scaled(job: rank_job.RankJob) -> Any:
+    """Seeded bug: the sharded model's output is off by 1 % (e.g. a wrong reduction)."""
+    original = rank_job.Wrapper.forward
+    rank_job.Wrapper.forward = lambda self, hidden: original(self, hidden) * 1.01  # type: ignore[method-assign]
+    return rank_job.run_job(job)

@@ -109,3 +109,16 @@ def test_rank_killed_mid_step_is_reported_within_10_s(tmp_path: Path) -> None:
     assert result.outcomes[1].signal == signal.SIGKILL.name or "SIGKILL" in result.report()
     assert detected - float(marker.read_text()) < 10
     assert processes_with_env(RUN_ID_ENV, result.run_id) == []
+
+
+@pytest.mark.parametrize("bug", ["lr_doubled", "dirty_idle_grads", "output_scaled"])
+def test_seeded_partition_bug_turns_its_check_red(bug: str) -> None:
+    """Each partition check can fail: a rank job with one seeded bug (FSDP2, no DeepSpeed needed)."""
+    from tests.partition.seeded_partition import SEEDED_PARTITION
+
+    must_fail, must_pass = SEEDED_PARTITION[bug]
+    sel = Selection(archs=("mixtral",), backends=(f"tests.partition.seeded_partition:{bug}",), cases=(STEPS_CASE,))
+    records = {r.check: r for group in run_selection(sel) for r in group}
+    red = {c for c, r in records.items() if r.status == "fail"}
+    assert must_fail <= red, f"{bug}: red {red}"
+    assert not (must_pass & red), f"{bug}: also red {must_pass & red}"
