@@ -28,6 +28,8 @@ from moeconf.registry.entry import ArchEntry
 from moeconf.registry.layouts import LAYOUTS, split_to_canonical
 from moeconf.spec import ExpertSpec, RouterSpec
 
+# NOTE: the expert math below is written again on purpose rather than imported from moeconf.reference:
+# the dense block is code under test, and a backend that called the reference could never disagree with it.
 _ACT = {
     "silu": F.silu,
     "gelu": F.gelu,
