@@ -1,26 +1,32 @@
-"""nox sessions, one per hardware: thin wrappers over one pytest invocation (``_pytest``).
+"""nox sessions, one per suite and hardware: thin wrappers over one pytest invocation (``_pytest``),
+selecting tests by marker (``parity``, ``partition``, ``perf``; see ``pyproject.toml``).
 
 - ``nox -s cpu`` (default): harness tests + the parity suite on CPU, in parallel (pytest-xdist).
+- ``nox -s partition``: the multi-rank suite, once per transformers version.
 - ``nox -s cuda`` / ``nox -s npu``: the parity suite on that device (fp32 and bf16); on a machine
   without the device they end with "skipped: no CUDA/NPU device", or fail when
   ``MOECONF_REQUIRE_DEVICE=1`` (set that on hardware runners so a broken driver cannot pass green).
 
-The hardware sessions run in the interpreter that runs nox (``venv_backend="none"``): torch builds
-are hardware specific (the CPU wheel here, CUDA on GPU runners, the Ascend image's torch + torch_npu +
-CANN), so a session must test the torch the machine has, never download another one.
+The cpu and hardware sessions run in the interpreter that runs nox (``venv_backend="none"``): torch
+builds are hardware specific (the CPU wheel here, CUDA on GPU runners, the Ascend image's torch +
+torch_npu + CANN), so a session must test the torch the machine has, never download another one.
 """
 
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["cpu"]
 
 PYTHON = sys.executable
+HERE = Path(__file__).resolve().parent
 PROBES = {
     "cuda": "import torch; print('yes' if torch.cuda.is_available() else 'no')",
     "npu": (
@@ -30,27 +36,30 @@ PROBES = {
     ),
 }
 NO_TESTS = 5  # pytest's exit code when nothing was collected
+TEST_PATHS = ("tests", "moeconf/suites")
 
 
 def _install(session: nox.Session) -> None:
     """Make this checkout's moeconf importable (editable), without touching its dependencies."""
-    here = os.path.dirname(os.path.abspath(__file__))
     probe = "import moeconf, os, sys; sys.exit(os.path.dirname(os.path.dirname(moeconf.__file__)) != sys.argv[1])"
-    if subprocess.run([PYTHON, "-c", probe, here], capture_output=True).returncode != 0:
-        session.run(PYTHON, "-m", "pip", "install", "-q", "--no-deps", "-e", here, external=True)
+    if subprocess.run([PYTHON, "-c", probe, str(HERE)], capture_output=True).returncode != 0:
+        session.run(PYTHON, "-m", "pip", "install", "-q", "--no-deps", "-e", str(HERE), external=True)
 
 
-def _pytest(session: nox.Session, *targets: str, env: dict[str, str]) -> None:
-    workers = os.environ.get("MOECONF_WORKERS", "auto")
+def _pytest(
+    session: nox.Session, marker: str, env: dict[str, str], python: str = PYTHON, workers: str = "auto"
+) -> None:
     session.run(
-        PYTHON,
+        python,
         "-m",
         "pytest",
         "-n",
-        workers,
+        os.environ.get("MOECONF_WORKERS", workers),
         "-p",
         "no:cacheprovider",
-        *targets,
+        "-m",
+        marker,
+        *TEST_PATHS,
         *session.posargs,
         env=env,
         success_codes=[0, NO_TESTS],
@@ -73,46 +82,58 @@ def _require_device(session: nox.Session, device: str) -> None:
 def cpu(session: nox.Session) -> None:
     """Harness tests and the CPU parity suite (fp32 + bf16, every registered architecture)."""
     _install(session)
-    # tests/partition runs in the partition session, after DeepSpeed's op is built up front.
-    _pytest(session, "tests", "moeconf/suites", "--ignore=tests/partition", env={"MOECONF_DEVICE": "cpu"})
+    # The multi-rank tests run in the partition session, after DeepSpeed's op is built up front.
+    _pytest(session, "not partition and not perf", env={"MOECONF_DEVICE": "cpu"})
 
 
-def _device_parity(session: nox.Session, device: str, backends: str) -> None:
-    """The parity suite on an accelerator, fp32 and bf16, after the device probe."""
+def _device_parity(session: nox.Session, device: str) -> None:
+    """The parity suite on an accelerator, fp32 and bf16, after the device probe; the backends are
+    the suite's computed list for that device."""
     _require_device(session, device)
     _install(session)
-    env = {"MOECONF_DEVICE": device, "MOECONF_DTYPES": "fp32,bf16", "MOECONF_BACKENDS": backends}
-    _pytest(session, "moeconf/suites", env=env)
+    _pytest(session, "parity", env={"MOECONF_DEVICE": device, "MOECONF_DTYPES": "fp32,bf16"})
 
 
 @nox.session(venv_backend="none")
 def cuda(session: nox.Session) -> None:
     """Parity suite on CUDA, fp32 and bf16."""
-    _device_parity(session, "cuda", "hf-eager,hf-grouped-mm,hf-batched-mm,grouped-mm")
+    _device_parity(session, "cuda")
 
 
 @nox.session(venv_backend="none")
 def npu(session: nox.Session) -> None:
     """Parity suite on Ascend NPU with the image's torch + torch_npu + CANN."""
-    _device_parity(session, "npu", "hf-eager,npu-gmm")
+    _device_parity(session, "npu")
 
 
 PARTITION_TRANSFORMERS = {"5": "transformers>=5.24,<6", "4.57": "transformers>=4.57,<4.58"}
 
 
-@nox.session(venv_params=["--system-site-packages"])
+def _share_user_packages(session: nox.Session) -> None:
+    """Let the session's virtualenv see the packages of the interpreter that runs nox.
+
+    NOTE: why not ``--system-site-packages``: that exposes the *base* interpreter's packages, not the
+    virtualenv the user installed moeconf into, so a fresh ``python3 -m venv`` user would get no
+    torch, pytest or pytest-xdist there. A ``.pth`` line runs ``site.addsitedir`` on the user's
+    site-packages instead: it is appended after the session's own site-packages, so what the session
+    installs (the transformers version under test, DeepSpeed) wins and everything else (torch,
+    pytest, xdist, hypothesis) is the user's, not a second download.
+    """
+    user_dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    venv_purelib = session.run(
+        "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
+    ).strip()
+    lines = [f"import site; site.addsitedir({d!r})" for d in dict.fromkeys(user_dirs) if os.path.isdir(d)]
+    Path(venv_purelib, "_moeconf_user_site.pth").write_text("\n".join(lines) + "\n")
+
+
+@nox.session
 @nox.parametrize("transformers", list(PARTITION_TRANSFORMERS))
 def partition(session: nox.Session, transformers: str) -> None:
-    """Multi-rank suite (DeepSpeed ZeRO-2/3, FSDP2, gloo) under transformers 5.x and 4.57.x.
-
-    A virtualenv per transformers version that still sees the machine's torch (system site packages).
-    """
-    import torch
-
-    session.install(
-        f"torch=={torch.__version__.split('+')[0]}", PARTITION_TRANSFORMERS[transformers], "deepspeed>=0.16,<0.20"
-    )
-    session.install("--no-deps", "-e", ".")
+    """Multi-rank suite (DeepSpeed ZeRO-2/3, FSDP2, gloo) under transformers 5.x and 4.57.x."""
+    _share_user_packages(session)
+    session.install(PARTITION_TRANSFORMERS[transformers], "deepspeed>=0.16,<0.20")
+    session.install("--no-deps", "-e", str(HERE))
     # Build DeepSpeed's CPU comm op once, up front, with progress and a stale-lock check.
     session.run(
         "python",
@@ -120,16 +141,4 @@ def partition(session: nox.Session, transformers: str) -> None:
         "from moeconf.distributed.deepspeed_env import ensure_deepspeed_cpu_ops as b; b()",
         env={"DS_ACCELERATOR": "cpu"},
     )
-    workers = os.environ.get("MOECONF_WORKERS", "2")
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "-n",
-        workers,
-        "-p",
-        "no:cacheprovider",
-        "tests/partition",
-        *session.posargs,
-        success_codes=[0, NO_TESTS],
-    )
+    _pytest(session, "partition", env={}, python="python", workers="2")

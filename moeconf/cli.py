@@ -15,13 +15,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from moeconf.backends import resolve_backend
-from moeconf.cases import CASE_NAMES
-from moeconf.checks import CHECKS
 from moeconf.devices import DEVICES, DTYPES, use_threads_for_tiny_shapes
-from moeconf.engine import CheckResult, Selection, run_selection
-from moeconf.partition.checks import PARTITION_CHECKS, STEPS_CASE
+from moeconf.harness.cases import CASE_NAMES
+from moeconf.harness.checks import CHECKS
+from moeconf.harness.engine import CheckResult, Selection, run_selection
+from moeconf.harness.partition_checks import PARTITION_CHECKS, STEPS_CASE
+from moeconf.harness.report import FAILING, RENDERERS, progress_line, write_atomically
 from moeconf.registry import REGISTRY, UnknownName, get_entry
-from moeconf.report import FAILING, RENDERERS, progress_line, write_atomically
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_BACKENDS = ("hf-eager", "hf-grouped-mm", "hf-batched-mm")
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _list(args: argparse.Namespace) -> int:
     backends = {name: resolve_backend(name) for name in args.backend}
-    from moeconf.coverage import DECLARED_UNSUPPORTED
+    from moeconf.tools.coverage import DECLARED_UNSUPPORTED
 
     rows = []
     for entry in REGISTRY.values():
@@ -121,7 +121,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace, program: str) -> int:
     archs = tuple(args.arch or REGISTRY)
-    from moeconf.coverage import DECLARED_UNSUPPORTED
+    from moeconf.tools.coverage import DECLARED_UNSUPPORTED
 
     for arch in archs:  # unknown names fail before anything runs
         if arch in DECLARED_UNSUPPORTED:
@@ -170,7 +170,7 @@ def _groups(sel: Selection, audit: bool) -> Iterator[list[CheckResult]]:
     if sel.checks:
         yield from run_selection(sel)
     if audit:
-        from moeconf.audit import audit_entry, to_check_results
+        from moeconf.tools.audit import audit_entry, to_check_results
 
         for arch in sel.archs:
             entry = get_entry(arch)
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None, program: str = "moeconf") -> int:
         if args.command == "list":
             return _list(args)
         if args.command == "discover":
-            from moeconf.discover import main_discover
+            from moeconf.tools.discover import main_discover
 
             return main_discover(args.args)
         return _check(args, program)

@@ -34,7 +34,7 @@ class CountsAsCumulative(NpuGmmBackend):
     def expert_mlp(self, ops, rows, counts, gate_up_proj, down_proj):  # type: ignore[no-untyped-def]
         gmm = lambda x, w: ops.npu_grouped_matmul(
             [x], [w], group_list=counts, split_item=2, group_type=0, group_list_type=0
-        )[0]  # noqa: E731
+        )[0]
         return gmm(ops.npu_swiglu(gmm(rows, gate_up_proj.transpose(1, 2)), dim=-1), down_proj.transpose(1, 2))
 
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from moeconf import audit
 from moeconf.registry import get_entry
 from moeconf.registry.core import CORE_ENTRIES
+from moeconf.tools import audit
 
 pytest.importorskip("deepspeed")
 

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 
 from moeconf.backends import Observation
-from moeconf.cases import CASES, make_inputs
-from moeconf.checks import CHECKS, CheckInput, compare, TOLERANCES
+from moeconf.harness.cases import CASES, make_inputs
+from moeconf.harness.checks import CHECKS, TOLERANCES, CheckInput, compare
 from moeconf.reference import reference_forward, reference_gradients
 from moeconf.registry import REGISTRY
 

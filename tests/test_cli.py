@@ -12,8 +12,8 @@ from xml.etree import ElementTree as ET
 import pytest
 
 from moeconf.cli import main
+from moeconf.harness.report import write_atomically
 from moeconf.registry import REGISTRY
-from moeconf.report import write_atomically
 
 ONE_CASE = ["--case", "random"]
 
@@ -119,7 +119,7 @@ def test_junit_report(tmp_path: Path) -> None:
 def test_list_json_covers_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["architectures"]
-    from moeconf.coverage import DECLARED_UNSUPPORTED
+    from moeconf.tools.coverage import DECLARED_UNSUPPORTED
 
     assert {r["model_type"] for r in rows} == set(REGISTRY) | set(DECLARED_UNSUPPORTED)
     assert len(rows) >= 95
@@ -155,7 +155,10 @@ def test_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyte
 
 
 def test_unwritable_report_path_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--arch", "mixtral", "--case", "single_token", "--output", "/proc/no/such/r.json", "--quiet"]) == 2
+    assert (
+        main(["check", "--arch", "mixtral", "--case", "single_token", "--output", "/proc/no/such/r.json", "--quiet"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "/proc/no/such/r.json" in err[0]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-from moeconf import coverage, registry
+from moeconf import registry
 from moeconf.registry import REGISTRY
+from moeconf.tools import coverage
 
 NOTES_FAMILIES = (
     # shared/notes/transformers-moe-landscape.md §1, families table (model types as written there).
@@ -98,7 +99,7 @@ def test_every_discovered_moe_type_is_covered() -> None:
     if missing:
         pytest.fail(
             f"{len(missing)} MoE model types of the installed transformers are neither registered nor declared "
-            f"unsupported (add an ArchEntry, or a reason to moeconf.coverage.DECLARED_UNSUPPORTED): "
+            f"unsupported (add an ArchEntry, or a reason to moeconf.tools.coverage.DECLARED_UNSUPPORTED): "
             + ", ".join(missing)
         )
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from moeconf import discover as disc
 from moeconf import registry
 from moeconf.registry import REGISTRY, ArchEntry
 from moeconf.spec import ExpertSpec, MoESpec
+from moeconf.tools import discover as disc
 
 pytestmark = pytest.mark.slow
 

@@ -4,14 +4,11 @@ every record of the launch red (``fail``, with the full report on ``no_hang``); 
 
 from __future__ import annotations
 
-from moeconf.backends import BackendError, Observation
-from moeconf.engine import Selection, run_arch
-from moeconf.partition.checks import STEPS_CASE
+from moeconf.backends import Observation
+from moeconf.backends.base import RankFailure
+from moeconf.harness.engine import Selection, run_arch
+from moeconf.harness.partition_checks import STEPS_CASE
 from moeconf.registry import REGISTRY
-
-
-class Hang(BackendError):
-    status = "fail"
 
 
 class FakeMultiRank:
@@ -38,8 +35,8 @@ def _records(exc: Exception) -> list:
 
 
 def test_a_hang_fails_every_record_and_keeps_the_stacks() -> None:
-    report = "deadlock: ranks still running after 45 s\n--- rank 0: ...stack...\n--- rank 1: ...stack..."
-    records = _records(Hang(report))
+    report = "--- rank 0: ...stack...\n--- rank 1: ...stack..."
+    records = _records(RankFailure("hang", "hang: ranks [0, 1] still running after 45 s", report))
     assert records and {r.status for r in records} == {"fail"}
     assert {r.case for r in records} == {"random", STEPS_CASE}
     no_hang = next(r for r in records if r.check == "no_hang")

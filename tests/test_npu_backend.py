@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from moeconf.engine import CheckResult, Selection, run_selection
-from moeconf.npu.fake_torch_npu import is_emulator, get_torch_npu
+from moeconf.harness.engine import CheckResult, Selection, run_selection
+from moeconf.npu.fake_torch_npu import get_torch_npu, is_emulator
 from tests.seeded_npu import SEEDED_NPU
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moeconf.backends import Backend, resolve_backend
-from moeconf.engine import Selection, run_arch
+from moeconf.harness.engine import Selection, run_arch
 from tests.toy_backend import TOY_ENTRY, toy, toy_z_from_probs
 
 

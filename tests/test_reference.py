@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeconf.cases import draw_params
+from moeconf.harness.cases import draw_params
 from moeconf.reference import (
     grouped_matmul,
     load_balancing_loss,

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from moeconf.backends.hf_block import EntryError, block_class, build_block, build_config, load_params
-from moeconf.cases import draw_params
+from moeconf.harness.cases import draw_params
+from moeconf.hf.block import EntryError, block_class, build_block, build_config, load_params
 from moeconf.params import param_shapes
 from moeconf.registry import LAYOUTS, REGISTRY, UnknownName, get_entry
 from moeconf.registry.layouts import split_to_canonical

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moeconf.engine import CheckResult, Selection, run_selection
+from moeconf.harness.engine import CheckResult, Selection, run_selection
 from tests.seeded import SEEDED
 
 

@@ -12,30 +12,48 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from moeconf.backends.base import Backend, BackendError, Observation, RunRequest
-from moeconf.backends.grouped_mm import GROUPED_MM
-from moeconf.backends.hf import HF_BATCHED_MM, HF_DENSE, HF_EAGER, HF_GROUPED_MM, HFBlockBackend
-from moeconf.backends.npu_gmm import NPU_GMM
+from moeconf.backends.base import (
+    Backend,
+    BackendError,
+    EnvironmentFault,
+    MultiRankBackend,
+    Observation,
+    RankFailure,
+    RunRequest,
+    StepsObservation,
+    StepsRequest,
+    is_multi_rank,
+)
+from moeconf.backends.hf import HFBlockBackend
 from moeconf.registry import UnknownName
 
-PARTITIONED_NAMES = ("zero3-leaf", "zero3", "zero2-dense", "zero2", "fsdp2-dense", "fsdp2")
+
+def _builtin(module: str, attr: str) -> Callable[[], Backend]:
+    """A factory that imports the backend's module on first use.
+
+    NOTE: lazy, because each backend pulls its own stack (the NPU emulator, the multi-rank launcher)
+    and rank processes or a run of one backend should load only what they use.
+    """
+    return lambda: getattr(importlib.import_module(f"moeconf.backends.{module}"), attr)
 
 
-def _partitioned(name: str) -> Backend:
-    # Imported on demand: ranks import moeconf.backends themselves, and most runs need no launcher.
-    from moeconf.backends.partitioned import PARTITIONED
+def _partitioned(name: str) -> Callable[[], Backend]:
+    def load() -> Backend:
+        from moeconf.backends.partitioned import PARTITIONED
 
-    return next(b for b in PARTITIONED if b.name == name)
+        return next(b for b in PARTITIONED if b.name == name)
+
+    return load
 
 
 BUILTIN: dict[str, Callable[[], Backend]] = {
-    "hf-eager": lambda: HF_EAGER,
-    "hf-grouped-mm": lambda: HF_GROUPED_MM,
-    "hf-batched-mm": lambda: HF_BATCHED_MM,
-    "hf-dense": lambda: HF_DENSE,
-    "grouped-mm": lambda: GROUPED_MM,
-    "npu-gmm": lambda: NPU_GMM,
-    **{name: (lambda name=name: _partitioned(name)) for name in PARTITIONED_NAMES},
+    "hf-eager": _builtin("hf", "HF_EAGER"),
+    "hf-grouped-mm": _builtin("hf", "HF_GROUPED_MM"),
+    "hf-batched-mm": _builtin("hf", "HF_BATCHED_MM"),
+    "hf-dense": _builtin("hf", "HF_DENSE"),
+    "grouped-mm": _builtin("grouped_mm", "GROUPED_MM"),
+    "npu-gmm": _builtin("npu_gmm", "NPU_GMM"),
+    **{name: _partitioned(name) for name in ("zero3-leaf", "zero3", "zero2-dense", "zero2", "fsdp2-dense", "fsdp2")},
 }
 ENTRY_POINT_GROUP = "moeconf.backends"
 
@@ -74,11 +92,18 @@ def resolve_backend(name: str) -> Backend:
 
 
 __all__ = [
+    "BUILTIN",
     "Backend",
     "BackendError",
+    "EnvironmentFault",
     "HFBlockBackend",
+    "MultiRankBackend",
     "Observation",
+    "RankFailure",
     "RunRequest",
+    "StepsObservation",
+    "StepsRequest",
     "available_backends",
+    "is_multi_rank",
     "resolve_backend",
 ]

@@ -12,7 +12,7 @@ Outside code plugs in with ``moeconf check --backend package.module:attr`` or an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -101,5 +101,95 @@ class Backend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StepsRequest:
+    """A multi-step data-parallel run (the ``adversarial_steps`` case of multi-rank backends).
+
+    Attributes:
+        params: canonical float64 parameters before step 0.
+        batches: ``[step][rank]`` block inputs ``[B, S, H]`` (float64).
+        grad_outputs: ``[step][rank]`` cotangents; rank ``r`` backpropagates ``⟨out_r, G_r⟩`` and the
+            framework averages gradients over ranks.
+        lr: plain SGD learning rate (no momentum, no weight decay).
+    """
+
+    entry: ArchEntry
+    params: Params
+    batches: tuple[tuple[torch.Tensor, ...], ...]
+    grad_outputs: tuple[tuple[torch.Tensor, ...], ...]
+    lr: float
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def world_size(self) -> int:
+        return len(self.batches[0])
+
+
+@dataclass
+class StepObservation:
+    """One rank's view of one optimizer step: its output, and the full (gathered) grads and params."""
+
+    output: torch.Tensor
+    grads: dict[str, torch.Tensor | None]
+    missing_grads: tuple[str, ...]
+    params_after: dict[str, torch.Tensor | None]
+
+
+@dataclass
+class StepsObservation:
+    """What the ranks saw: ``outputs[step][rank]``; grads and params (gathered, identical on every
+    rank) as rank 0 saw them."""
+
+    outputs: list[list[torch.Tensor]]
+    grads: list[dict[str, torch.Tensor | None]]
+    missing_grads: list[tuple[str, ...]]
+    params_after: list[dict[str, torch.Tensor | None]]
+
+
+@runtime_checkable
+class MultiRankBackend(Backend, Protocol):
+    """A backend that runs on several ranks: every case of an architecture plus the adversarial
+    steps in one launch. It reports a hang or a dead rank by raising ``RankFailure``."""
+
+    def run_session(
+        self, requests: list[RunRequest], steps: StepsRequest | None
+    ) -> tuple[list[Observation], StepsObservation | None]:
+        """Observations of ``requests`` (in order) and of ``steps`` (None when not asked)."""
+        ...
+
+
+def is_multi_rank(backend: Backend) -> bool:
+    """Whether the engine gives ``backend`` whole sessions (and the adversarial steps)."""
+    return isinstance(backend, MultiRankBackend)
+
+
 class BackendError(RuntimeError):
     """The backend could not run the request (reported as ``error``, not as a failed check)."""
+
+
+class EnvironmentFault(RuntimeError):
+    """A fault outside the code under test (a stale build lock, an unwritable cache or HOME, a
+    missing optional dependency, no free port): reported as ``setup``, never as ``fail``."""
+
+
+FailureKind = Literal["hang", "crash"]
+
+
+class RankFailure(Exception):
+    """A multi-rank run that did not finish because of the code under test: ranks that hang
+    (``kind="hang"``) or a rank that died or raised (``kind="crash"``); a failed check.
+
+    Attributes:
+        kind: ``"hang"`` or ``"crash"``.
+        summary: one line: what happened, which rank, which signal or exception.
+        detail: every rank's exit status, traceback, Python stack and last log lines.
+    """
+
+    def __init__(self, kind: FailureKind, summary: str, detail: str, run_id: str = "") -> None:
+        super().__init__(f"{summary}\n{detail}")
+        self.kind = kind
+        self.summary = summary
+        self.detail = detail
+        self.run_id = run_id
+        """The launch's ``MOECONF_RUN_ID`` (to verify that no process outlived it)."""

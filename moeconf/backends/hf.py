@@ -17,15 +17,16 @@ import torch
 from torch import nn
 
 from moeconf.backends.base import Observation, RunRequest
-from moeconf.backends.hf_block import (
+from moeconf.backends.dense import apply_dense_patch, dense_reason
+from moeconf.devices import device_available
+from moeconf.hf.block import (
     build_block,
-    cast_like_from_pretrained,
     canonical_grads,
-    framework_loss_fn,
+    cast_like_from_pretrained,
+    framework_losses,
     load_params,
     recording,
 )
-from moeconf.devices import device_available
 from moeconf.registry.entry import ArchEntry
 
 BlockPatch = Callable[[nn.Module, ArchEntry], nn.Module | None]
@@ -66,7 +67,7 @@ class HFBlockBackend:
         return block.train(request.entry.train_mode)
 
     def run(self, request: RunRequest) -> Observation:
-        entry, spec = request.entry, request.entry.spec
+        entry = request.entry
         block = self.prepare(request)
         hidden = request.hidden.to(device=request.device, dtype=request.dtype).requires_grad_(True)
         with recording(entry, block) as rec:
@@ -75,12 +76,7 @@ class HFBlockBackend:
 
         logits = rec.router_logits(entry)
         index, weights = rec.routing(entry)
-        aux = z = None
-        mask = request.attention_mask.to(request.device)
-        if spec.losses.aux == "switch" and logits is not None:
-            aux = framework_loss_fn(entry, "load_balancing_loss_func")((logits,), spec.num_experts, spec.top_k, mask)
-        if spec.losses.z_loss and logits is not None:
-            z = framework_loss_fn(entry, "router_z_loss_func")(logits)
+        aux, z = framework_losses(entry, logits, request.attention_mask)
         grads, missing = canonical_grads(entry, block)
         grads["input"] = hidden.grad
         return Observation(
@@ -105,20 +101,16 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class DenseBlockBackend(HFBlockBackend):
-    """``hf-dense``: the block with moeconf's dense patch (``moeconf.partition.dense``), single process.
+    """``hf-dense``: the block with moeconf's dense patch (``moeconf.backends.dense``), single process.
 
     It is what ``zero2-dense`` / ``fsdp2-dense`` shard; checking it alone separates a patch bug from
     a partitioning bug.
     """
 
     def __init__(self, name: str = "hf-dense") -> None:
-        from moeconf.partition.dense import apply_dense_patch
-
         super().__init__(name, "eager", patch=apply_dense_patch)
 
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
-        from moeconf.partition.dense import dense_reason
-
         return super().supports(entry, dtype, device) or dense_reason(entry)
 
 

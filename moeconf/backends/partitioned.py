@@ -6,8 +6,8 @@
 
 Every case runs with the same batch replicated on all ranks (so the averaged gradients equal the
 single-process ones and the standard parity checks apply); ``run_session`` also runs the adversarial
-multi-step case (``moeconf.partition.steps``). A hang is reported as ``DeadlockError`` with every
-rank's Python stack, a dead rank as ``RankCrashError``; no process outlives the call.
+multi-step case (``moeconf.harness.steps``). A hang or a dead rank is raised as ``RankFailure``
+(one-line summary + every rank's Python stack); no process outlives the call.
 """
 
 from __future__ import annotations
@@ -16,40 +16,40 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-import torch
-
-from moeconf.backends.base import BackendError, Observation, RunRequest
+from moeconf.backends.base import (
+    BackendError,
+    Observation,
+    RankFailure,
+    RunRequest,
+    StepsObservation,
+    StepsRequest,
+)
+from moeconf.backends.dense import dense_reason
+from moeconf.backends.rank_job import RankJob, RankResult, Strategy
 from moeconf.devices import device_available
 from moeconf.distributed import MultiRankResult, run_ranks
-from moeconf.partition.dense import dense_reason
-from moeconf.partition.rank_job import CaseInput, RankJob, StepsInput, Strategy
-from moeconf.partition.steps import StepsObservation, StepsRequest
 from moeconf.registry.entry import ArchEntry
 
 DEFAULT_DEADLINE_S = float(os.environ.get("MOECONF_DEADLINE_S", "120"))
 
 
-class PartitionError(BackendError):
-    """A multi-rank run that did not finish cleanly; ``result`` holds every rank's outcome and stack."""
-
-    status = "fail"  # a hang or a dead rank is a failed check, not a harness error
-
-    def __init__(self, message: str, result: MultiRankResult) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-class DeadlockError(PartitionError):
-    """The ranks did not finish before the deadline."""
-
-
-class RankCrashError(PartitionError):
-    """A rank died (exit status or signal) or raised."""
+def headline(result: MultiRankResult) -> str:
+    """One line: what happened, to which rank, with which signal or exception."""
+    if result.status == "deadlock":
+        running = [o.rank for o in result.outcomes if o.killed_by_launcher]
+        return f"hang: ranks {running} still running after {result.deadline_s:g} s (every rank's stack on no_hang)"
+    failed = next((o for o in result.outcomes if o.rank == result.failed_rank), None)
+    if failed is None:
+        return f"{result.status}: {result.message.splitlines()[0] if result.message else 'no rank result'}"
+    if failed.exception:
+        last = failed.exception.strip().splitlines()[-1]
+        return f"crash: rank {failed.rank} raised {last}"
+    return f"crash: rank {failed.rank} {failed.describe_exit()}"
 
 
 @dataclass
 class PartitionedBackend:
-    """A block sharded over ``world_size`` local ranks (gloo on CPU)."""
+    """A block sharded over ``world_size`` local ranks (gloo on CPU); a ``MultiRankBackend``."""
 
     name: str
     strategy: Strategy
@@ -59,7 +59,9 @@ class PartitionedBackend:
     deadline_s: float = DEFAULT_DEADLINE_S
     devices: tuple[str, ...] = ("cpu",)
     dtypes: tuple[str, ...] = ("fp32", "bf16")
-    rank_fn: str = "moeconf.partition.rank_job:run_job"
+    rank_fn: str = "moeconf.backends.rank_job:run_job"
+    negative_control: bool = False
+    """A configuration known to be wrong (no leaf, stock block): the suite expects it to be caught."""
 
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
         if device not in self.devices or not device_available(device):
@@ -78,64 +80,44 @@ class PartitionedBackend:
         self, requests: list[RunRequest], steps: StepsRequest | None
     ) -> tuple[list[Observation], StepsObservation | None]:
         """All cases (and the adversarial steps) of one architecture in one multi-rank launch."""
-        entry = requests[0].entry if requests else steps.entry  # type: ignore[union-attr]
-        dtype = requests[0].dtype if requests else steps.dtype  # type: ignore[union-attr]
+        first = requests[0] if requests else steps
+        if first is None:
+            return [], None
         job = RankJob(
-            entry=entry,
+            entry=first.entry,
             strategy=self.strategy,
             leaf=self.leaf,
             dense=self.dense,
-            dtype=dtype,
-            cases=tuple(CaseInput(r.params, r.hidden, r.attention_mask, r.grad_output) for r in requests),
-            steps=None if steps is None else StepsInput(steps.params, steps.batches, steps.grad_outputs, steps.lr),
+            dtype=first.dtype,
+            cases=tuple(requests),
+            steps=steps,
         )
         env = {"DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
         result = run_ranks(self.rank_fn, (job,), world_size=self.world_size, deadline_s=self.deadline_s, env=env)
         if result.status == "deadlock":
-            raise DeadlockError(
-                f"deadlock: ranks still running after {self.deadline_s:.0f} s\n{result.report()}", result
-            )
+            raise RankFailure("hang", headline(result), result.report(), result.run_id)
+        if result.status == "crash":
+            raise RankFailure("crash", headline(result), result.report(), result.run_id)
         if result.status != "ok":
-            raise RankCrashError(f"{result.status}: {result.message}\n{result.report()}", result)
-        per_rank = result.results
-        observations = [_observation(requests[i], per_rank[0]["cases"][i]) for i in range(len(requests))]
+            raise BackendError(f"the launcher failed: {result.message}")
+        per_rank: list[RankResult] = result.results
         steps_obs = None
         if steps is not None:
-            ranks = [r["steps"] for r in per_rank]
+            ranks = [r.steps or [] for r in per_rank]
+            lead = ranks[0]
             steps_obs = StepsObservation(
-                outputs=[[ranks[r]["outputs"][s] for r in range(self.world_size)] for s in range(len(steps.batches))],
-                grads=ranks[0]["grads"],
-                missing_grads=ranks[0]["missing_grads"],
-                params_after=ranks[0]["params_after"],
+                outputs=[[ranks[r][s].output for r in range(self.world_size)] for s in range(len(steps.batches))],
+                grads=[s.grads for s in lead],
+                missing_grads=[s.missing_grads for s in lead],
+                params_after=[s.params_after for s in lead],
             )
-        return observations, steps_obs
-
-
-def _observation(request: RunRequest, seen: dict) -> Observation:
-    spec = request.entry.spec
-    logits = seen["router_logits"]
-    aux = None
-    if spec.losses.aux == "switch" and logits is not None:
-        from moeconf.backends.hf_block import framework_loss_fn
-
-        aux = framework_loss_fn(request.entry, "load_balancing_loss_func")(
-            (logits,), spec.num_experts, spec.top_k, request.attention_mask
-        )
-    return Observation(
-        output=seen["output"],
-        topk_index=seen["topk_index"],
-        topk_weights=seen["topk_weights"],
-        router_logits=logits,
-        aux_loss=None if aux is None else torch.as_tensor(aux).detach(),
-        grads=seen["grads"],
-        missing_grads=tuple(seen["missing_grads"]),
-    )
+        return per_rank[0].cases, steps_obs
 
 
 ZERO3_LEAF = PartitionedBackend("zero3-leaf", "zero3", leaf=True)
-ZERO3 = PartitionedBackend("zero3", "zero3")
+ZERO3 = PartitionedBackend("zero3", "zero3", negative_control=True)
 ZERO2_DENSE = PartitionedBackend("zero2-dense", "zero2", dense=True)
-ZERO2 = PartitionedBackend("zero2", "zero2")
+ZERO2 = PartitionedBackend("zero2", "zero2", negative_control=True)
 FSDP2_DENSE = PartitionedBackend("fsdp2-dense", "fsdp2", dense=True)
-FSDP2 = PartitionedBackend("fsdp2", "fsdp2")
+FSDP2 = PartitionedBackend("fsdp2", "fsdp2", negative_control=True)
 PARTITIONED = (ZERO3_LEAF, ZERO3, ZERO2_DENSE, ZERO2, FSDP2_DENSE, FSDP2)

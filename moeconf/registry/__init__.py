@@ -61,4 +61,4 @@ def get_entry(model_type: str) -> ArchEntry:
         raise UnknownName(f"unknown architecture {model_type!r}; registered: {', '.join(sorted(REGISTRY))}") from None
 
 
-__all__ = ["ArchEntry", "Binding", "Expectation", "LAYOUTS", "Layout", "REGISTRY", "UnknownName", "get_entry"]
+__all__ = ["LAYOUTS", "REGISTRY", "ArchEntry", "Binding", "Expectation", "Layout", "UnknownName", "get_entry"]

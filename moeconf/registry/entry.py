@@ -13,8 +13,6 @@ from typing import Any, Literal
 
 from moeconf.spec import MoESpec
 
-Status = Literal["pass", "fail", "xfail", "skip", "error"]
-
 
 @dataclass(frozen=True)
 class Binding:

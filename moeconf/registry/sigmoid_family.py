@@ -4,7 +4,7 @@ Sigmoid (or sqrt-softplus) routers without expert groups, plus the softmax-with-
 routers of the same generation (ERNIE, LongCat). shared/notes/transformers-moe-landscape.md §4 R4/R5.
 
 MiniMax-M3 and Inkling2 are in extra_family.py; the types moeconf cannot express yet are declared,
-with reasons, in ``moeconf.coverage.DECLARED_UNSUPPORTED``.
+with reasons, in ``moeconf.tools.coverage.DECLARED_UNSUPPORTED``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from moeconf.partition import rank_job
+from moeconf.backends import rank_job
 
 
 def run_job_then_die(job: rank_job.RankJob, marker: str) -> Any:

@@ -8,6 +8,7 @@ if they satisfy the case's constraint (e.g. "no token reaches the last expert").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -150,21 +151,56 @@ class CaseError(ValueError):
     """No token batch satisfying the case could be drawn (a spec/case mismatch)."""
 
 
-def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: int = 4096) -> Inputs:
-    """Draw the case's inputs for ``spec`` in ``dtype``; deterministic in ``seed``."""
-    params = round_through(draw_params(spec, seed), dtype)
-    gen = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, case.name)))
-    candidates = torch.randn(pool, spec.hidden, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
+CASE_SEED_STRIDE = 7919
+"""Token streams are seeded ``seed * CASE_SEED_STRIDE + case salt``: a prime stride larger than any
+salt, so no two (seed, case) pairs share a stream."""
+
+
+def token_pool(hidden: int, size: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """``[size, hidden]`` float64 candidate tokens, already rounded through ``dtype``."""
+    return torch.randn(size, hidden, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
+
+
+def select_tokens(
+    spec: MoESpec,
+    params: Params,
+    candidates: torch.Tensor,
+    count: int,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    what: str,
+) -> torch.Tensor:
+    """The first ``count`` candidates (``[N, H]``) that the reference routes with a margin, that keep
+    clamped pre-activations away from their limits, and whose top-k index passes ``keep``.
+
+    The one token filter of moeconf: every case (single-process and multi-rank) draws through it.
+    Raises ``CaseError`` naming ``what`` when too few candidates qualify.
+    """
     routing = route(spec, params, candidates)
     margin = routing.margin
     if spec.losses.aux != "none":
         margin = torch.minimum(margin, aux_selection_margin(routing.logits, spec.top_k))
-    ok = (margin >= MIN_MARGIN) & _satisfies(case.constraint, routing.index, spec.num_experts)
+    ok = (margin >= MIN_MARGIN) & keep(routing.index)
     ok &= _clamp_distance(spec, params, candidates, routing.index) >= CLAMP_MARGIN
-    chosen = ok.nonzero().flatten()[: case.tokens]
-    if chosen.numel() < case.tokens:
-        raise CaseError(f"case {case.name}: only {chosen.numel()}/{case.tokens} of {pool} tokens satisfy it")
-    hidden = candidates[chosen].reshape(case.batch, case.seq, spec.hidden)
+    chosen = ok.nonzero().flatten()[:count]
+    if chosen.numel() < count:
+        raise CaseError(f"{what}: only {chosen.numel()}/{count} of {len(candidates)} tokens satisfy it")
+    return candidates[chosen]
+
+
+def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: int = 4096) -> Inputs:
+    """Draw the case's inputs for ``spec`` in ``dtype``; deterministic in ``seed``."""
+    params = round_through(draw_params(spec, seed), dtype)
+    gen = torch.Generator().manual_seed(seed * CASE_SEED_STRIDE + sum(map(ord, case.name)))
+    candidates = token_pool(spec.hidden, pool, dtype, gen)
+    tokens = select_tokens(
+        spec,
+        params,
+        candidates,
+        case.tokens,
+        lambda index: _satisfies(case.constraint, index, spec.num_experts),
+        f"case {case.name}",
+    )
+    hidden = tokens.reshape(case.batch, case.seq, spec.hidden)
     mask = torch.ones(case.batch, case.seq, dtype=torch.int64)
     if case.batch > 1 and case.seq > 2:
         # Left padding on the first row. Padding positions share one embedding, as pad tokens do, so

@@ -12,46 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from moeconf.cases import MIN_MARGIN, draw_params
+from moeconf.backends.base import StepsRequest
+from moeconf.harness.cases import draw_params, select_tokens, token_pool
 from moeconf.params import NOT_TRAINED, Params, round_through
-from moeconf.reference import aux_selection_margin, reference_forward, route
+from moeconf.reference import reference_forward, route
 from moeconf.registry.entry import ArchEntry
 from moeconf.spec import MoESpec
 
-
-@dataclass(frozen=True)
-class StepsRequest:
-    """A multi-step data-parallel run.
-
-    Attributes:
-        params: canonical float64 parameters before step 0.
-        batches: ``[step][rank]`` block inputs ``[B, S, H]`` (float64).
-        grad_outputs: ``[step][rank]`` cotangents; rank ``r`` backpropagates ``⟨out_r, G_r⟩`` and the
-            framework averages gradients over ranks.
-        lr: plain SGD learning rate (no momentum, no weight decay).
-    """
-
-    entry: ArchEntry
-    params: Params
-    batches: tuple[tuple[torch.Tensor, ...], ...]
-    grad_outputs: tuple[tuple[torch.Tensor, ...], ...]
-    lr: float
-    dtype: torch.dtype
-    device: str
-
-    @property
-    def world_size(self) -> int:
-        return len(self.batches[0])
-
-
-@dataclass
-class StepsObservation:
-    """What the ranks saw, per step (``outputs`` per rank; grads/params are the full, gathered ones)."""
-
-    outputs: list[list[torch.Tensor]]
-    grads: list[dict[str, torch.Tensor | None]]
-    missing_grads: list[tuple[str, ...]]
-    params_after: list[dict[str, torch.Tensor | None]]
+STEPS_SEED_OFFSET = 104729
+"""The steps draw from ``seed + STEPS_SEED_OFFSET`` (the 10,000th prime, beyond any case's salt), so
+their token stream never coincides with a single-process case's."""
+STEPS_POOL = 8192
+"""Candidates per rank and step: a token must route *inside* a rank's expert subset, which only a
+few percent of random tokens do."""
 
 
 @dataclass(frozen=True)
@@ -76,21 +49,19 @@ def expert_subsets(num_experts: int, world_size: int, step: int, top_k: int = 2)
     return [{(r * share + 2 * step + j) % num_experts for j in range(sizes[r])} for r in range(world_size)]
 
 
-def _pick_tokens(
+def _rank_tokens(
     spec: MoESpec, params: Params, allowed: set[int], count: int, dtype: torch.dtype, gen: torch.Generator
 ) -> torch.Tensor:
-    pool = torch.randn(8192, spec.hidden, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
-    routing = route(spec, params, pool)
-    margin = routing.margin
-    if spec.losses.aux != "none":
-        margin = torch.minimum(margin, aux_selection_margin(routing.logits, spec.top_k))
-    inside = torch.isin(routing.index, torch.tensor(sorted(allowed))).all(dim=-1)
-    chosen = ((margin >= MIN_MARGIN) & inside).nonzero().flatten()[:count]
-    if chosen.numel() < count:
-        raise ValueError(
-            f"adversarial routing: only {chosen.numel()}/{count} tokens route inside experts {sorted(allowed)}"
-        )
-    return pool[chosen]
+    """``[count, H]`` tokens that route only to experts in ``allowed``."""
+    subset = torch.tensor(sorted(allowed))
+    return select_tokens(
+        spec,
+        params,
+        token_pool(spec.hidden, STEPS_POOL, dtype, gen),
+        count,
+        lambda index: torch.isin(index, subset).all(dim=-1),
+        f"adversarial routing inside experts {sorted(allowed)}",
+    )
 
 
 def _loss_grads(
@@ -120,14 +91,14 @@ def make_steps(
     """The adversarial request and, computed alongside (tokens depend on the parameters of each step),
     its float64 reference: per-rank outputs, averaged grads, SGD parameters after every step."""
     spec = entry.spec
-    gen = torch.Generator().manual_seed(seed + 104729)
+    gen = torch.Generator().manual_seed(seed + STEPS_SEED_OFFSET)
     params = round_through(draw_params(spec, seed), dtype)
     initial = {k: v.clone() for k, v in params.items()}
     batches, cotangents, ref_out, ref_grads, ref_params, idle = [], [], [], [], [], []
     for step in range(steps):
         subsets = expert_subsets(spec.num_experts, world_size, step, spec.top_k)
         xs = tuple(
-            _pick_tokens(spec, params, subsets[r], tokens_per_rank, dtype, gen).reshape(1, tokens_per_rank, spec.hidden)
+            _rank_tokens(spec, params, subsets[r], tokens_per_rank, dtype, gen).reshape(1, tokens_per_rank, spec.hidden)
             for r in range(world_size)
         )
         gs = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64) for x in xs)

@@ -101,9 +101,14 @@ def _patch_fused(block: nn.Module, entry: ArchEntry) -> None:
             canon.update(
                 zip(b.canonical, split_to_canonical(LAYOUTS[b.layout], tensor, tuple(shapes[n] for n in b.canonical)))
             )
-        per_expert = _all_experts(entry.spec.experts, canon, hidden)
-        dense = _dense_weights(top_k_index, top_k_weights, entry.spec.num_experts)
-        return torch.einsum("ne,neh->nh", dense.to(per_expert.dtype), per_expert).to(hidden.dtype)
+        # NOTE: some experts calls pass [B, S, H] (DBRX), most [N, H]; the routing is per token either way.
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        per_expert = _all_experts(entry.spec.experts, canon, flat)
+        dense = _dense_weights(
+            top_k_index.reshape(flat.shape[0], -1), top_k_weights.reshape(flat.shape[0], -1), entry.spec.num_experts
+        )
+        out = torch.einsum("ne,neh->nh", dense.to(per_expert.dtype), per_expert).to(hidden.dtype)
+        return out.reshape(hidden.shape)
 
     experts_module.forward = forward
 

@@ -1,26 +1,44 @@
-"""The one way through: entry → inputs → reference → backend → checks → records.
+"""The one way through: entry → inputs → reference → backend → observation → checks → records.
 
-Both fronts use this: the pytest parity suite (one test per arch × backend × dtype × device) and
+Both fronts use this: the pytest suites (one test per arch × backend × dtype × device) and
 ``moeconf check``. Neither is a second runner of the other.
+
+Where blame goes (``moeconf.harness.status``): a disagreement with the reference, or ranks that hang
+or die, is ``fail``; a backend that raises or returns a malformed observation is ``error`` (the field
+named); a fault of the machine (``EnvironmentFault``) is ``setup``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from moeconf.backends import Backend, Observation, RunRequest, resolve_backend
-from moeconf.cases import CASES, Case, CaseError, make_inputs
-from moeconf.checks import CHECKS, CheckInput, Outcome, applicable_checks
+from moeconf.backends.base import (
+    EnvironmentFault,
+    MultiRankBackend,
+    RankFailure,
+    StepsObservation,
+    is_multi_rank,
+)
 from moeconf.devices import DTYPES
-from moeconf.partition.checks import PARTITION_CHECKS, STEPS_CASE, steps_outcomes
-from moeconf.partition.steps import StepsObservation, StepsReference, make_steps
+from moeconf.harness.cases import CASES, Case, CaseError, make_inputs
+from moeconf.harness.checks import CHECKS, CheckInput, Outcome, applicable_checks
+from moeconf.harness.partition_checks import PARTITION_CHECKS, STEPS_CASE, steps_outcomes
+from moeconf.harness.status import Status, declared_verdict
+from moeconf.harness.steps import StepsReference, make_steps
+from moeconf.harness.validate import MalformedObservation, validate_observation
+from moeconf.harness.watchdog import CallTimeout, call_with_deadline
 from moeconf.reference import reference_forward, reference_gradients
 from moeconf.registry import ArchEntry, get_entry
-from moeconf.registry.entry import Status
+
+DEFAULT_TIMEOUT_S = 300.0
+"""Per-case deadline of a backend call (``--timeout``): generous for a tiny block on a loaded 2-core
+machine (a case takes milliseconds to seconds), finite so that a stuck kernel cannot stall a gate."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,7 @@ class Selection:
     cases: tuple[str, ...] = tuple(c.name for c in CASES) + (STEPS_CASE,)
     checks: tuple[str, ...] = tuple(CHECKS) + PARTITION_CHECKS
     seed: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     program: str = field(default="moeconf", compare=False)
 
 
@@ -82,14 +101,6 @@ def repro_command(sel: Selection, arch: str, backend: str, dtype: str, case: str
     return shlex.join(args)
 
 
-def _status(outcome: Outcome, expectation_status: str | None) -> Status:
-    if outcome.passed is None:
-        return "skip"
-    if expectation_status == "xfail":
-        return "xfail" if not outcome.passed else "fail"  # strict: an unexpected pass is a stale declaration
-    return "pass" if outcome.passed else "fail"
-
-
 def _records(
     sel: Selection,
     entry: ArchEntry,
@@ -98,24 +109,25 @@ def _records(
     case: Case,
     checks: Iterable[str],
     outcome_of: Callable[[str], Outcome],
+    status_of: Callable[[str], Status | None] = lambda _c: None,
 ) -> list[CheckResult]:
+    """One record per check: ``outcome_of(check)`` judged under the registry's declarations, unless
+    ``status_of(check)`` fixes the status (an error or setup outcome is never excused by an xfail)."""
     records = []
     for check in checks:
+        fixed = status_of(check)
         expectation = entry.expectation(check, backend_name, dtype, sel.device)
-        if expectation is not None and expectation.status == "skip":
-            outcome, status = Outcome(None, message=f"declared skip: {expectation.reason}"), "skip"
+        if fixed is not None:
+            outcome, status = outcome_of(check), fixed
+        elif expectation is not None and expectation.status == "skip":
+            status, prefix = declared_verdict(None, "skip", expectation.reason)
+            outcome = Outcome(None, message=prefix)
         else:
             outcome = outcome_of(check)
-            status = _status(outcome, expectation.status if expectation else None)
-            if expectation is not None:
-                verdict = "failed as declared" if status == "xfail" else "passed, but is declared xfail"
-                outcome = Outcome(
-                    outcome.passed,
-                    outcome.max_abs_err,
-                    outcome.max_rel_err,
-                    outcome.tol,
-                    f"{verdict}: {expectation.reason}. {outcome.message}".strip(),
-                )
+            declared = expectation.status if expectation else None
+            status, prefix = declared_verdict(outcome.passed, declared, expectation.reason if expectation else "")
+            if prefix:
+                outcome = dataclasses.replace(outcome, message=f"{prefix} {outcome.message}".strip())
         tol = outcome.tol
         records.append(
             CheckResult(
@@ -138,14 +150,11 @@ def _records(
 
 
 def _one_line(exc: BaseException) -> str:
+    """``Type: message at file:line`` of the innermost frame (the code that raised, not moeconf's)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
-    where = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
-
-
-def _failure(exc: BaseException) -> Outcome:
-    """A backend that raised: a hang or a dead rank is a failed check; anything else an error."""
-    return Outcome(False if getattr(exc, "status", "error") == "fail" else None, message=_one_line(exc))
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
 
 
 def _raised_records(
@@ -156,18 +165,32 @@ def _raised_records(
     case: Case,
     checks: list[str],
     exc: BaseException,
-    detail: str | None = None,
 ) -> list[CheckResult]:
-    """Records of a backend that raised: ``error`` if it broke, ``fail`` for a hang or a dead rank
-    (``detail``, the full report with every rank's stack, goes on the ``no_hang`` record)."""
-    outcome = _failure(exc)
-    if outcome.passed is None:
-        return [
-            dataclasses.replace(r, status="error", message=f"backend raised {outcome.message}")
-            for r in _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None))
-        ]
-    full = Outcome(False, message=detail) if detail else outcome
-    return _records(sel, entry, name, dtype, case, checks, lambda c: full if c == "no_hang" else outcome)
+    """Records of a backend call that did not produce an observation.
+
+    - ``RankFailure`` (ranks hung or died): ``fail``; every rank's evidence once, on ``no_hang`` (or
+      the first check when the case has none), a one-line summary on the others.
+    - ``EnvironmentFault``: ``setup``; ``CallTimeout``: ``error`` with the stack where it was stuck;
+      anything else the backend raised (``SystemExit`` included): ``error``.
+    """
+    if isinstance(exc, RankFailure):
+        evidence = "no_hang" if "no_hang" in checks else (checks[0] if checks else "")
+        summary = Outcome(False, message=exc.summary)
+        full = Outcome(False, message=f"{exc.summary}\n{exc.detail}")
+        return _records(sel, entry, name, dtype, case, checks, lambda c: full if c == evidence else summary)
+    if isinstance(exc, EnvironmentFault):
+        status: Status = "setup"
+        message = f"environment: {exc}"
+    elif isinstance(exc, CallTimeout):
+        status = "error"
+        message = f"backend timed out: {exc} (--timeout); it was at:\n{exc.stack.rstrip()}"
+    elif isinstance(exc, MalformedObservation):
+        status, message = "error", f"malformed observation: {exc}"
+    elif isinstance(exc, CaseError):
+        status, message = "error", f"inputs: {exc}"
+    else:
+        status, message = "error", f"backend raised {_one_line(exc)}"
+    return _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None, message=message), lambda _c: status)
 
 
 def _as_records(
@@ -183,7 +206,19 @@ def _as_records(
     if isinstance(result, BaseException):
         return _raised_records(sel, entry, name, dtype, case, checks, result)
     ci = check_input(result)
-    return _records(sel, entry, name, dtype, case, checks, lambda c: CHECKS[c](ci))
+    outcomes: dict[str, Outcome] = {}
+    unreadable: set[str] = set()
+    for check in checks:
+        try:
+            outcomes[check] = CHECKS[check](ci)
+        except Exception as exc:  # a form the validation did not foresee: the observation's fault
+            unreadable.add(check)
+            outcomes[check] = Outcome(
+                None, message=f"malformed observation: {check} could not read it: {_one_line(exc)}"
+            )
+    return _records(
+        sel, entry, name, dtype, case, checks, outcomes.__getitem__, lambda c: "error" if c in unreadable else None
+    )
 
 
 def _steps_records(
@@ -197,17 +232,30 @@ def _steps_records(
     checks = [c for c in PARTITION_CHECKS if c in sel.checks]
     case = Case(STEPS_CASE, 1, 1, "none", "adversarial multi-step routing")
     if isinstance(result, BaseException):
-        return _raised_records(sel, entry, name, dtype, case, checks, result, detail=str(result))
+        return _raised_records(sel, entry, name, dtype, case, checks, result)
     assert result is not None and steps_ref is not None
-    outcomes = steps_outcomes(steps_ref, result, dtype)
+    try:
+        outcomes = steps_outcomes(steps_ref, result, dtype)
+    except Exception as exc:
+        return _raised_records(sel, entry, name, dtype, case, checks, MalformedObservation(_one_line(exc)))
     return _records(sel, entry, name, dtype, case, checks, lambda c: outcomes[c])
+
+
+def _call(sel: Selection, fn: Callable[[], object], cases: int = 1) -> object:
+    """A backend call under the watchdog; its result or the exception it ended with."""
+    try:
+        return call_with_deadline(fn, sel.timeout_s * max(1, cases))
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit from a backend is its error, not ours
+        return exc
 
 
 def _session_records(
     sel: Selection,
     entry: ArchEntry,
     name: str,
-    backend: Backend,
+    backend: MultiRankBackend,
     dtype: str,
     checks: list[str],
     prepared: list[tuple[Case, RunRequest]],
@@ -216,19 +264,33 @@ def _session_records(
     """A multi-rank backend: every case plus the adversarial steps in one launch (``run_session``)."""
     want_steps = STEPS_CASE in sel.cases and any(c in sel.checks for c in PARTITION_CHECKS)
     steps_ref = None
+    results: list[Observation | BaseException]
+    steps_result: StepsObservation | BaseException | None = None
     try:
         steps_request = None
         if want_steps:
             steps_request, steps_ref = make_steps(entry, DTYPES[dtype], sel.device, seed=sel.seed)
-        observations, steps_obs = backend.run_session([req for _, req in prepared], steps_request)  # type: ignore[attr-defined]
-        results: list[Observation | BaseException] = list(observations)
-        steps_result: StepsObservation | BaseException | None = steps_obs
-    except Exception as exc:  # a hang, a crash or unusable inputs fail every case of the launch
+    except CaseError as exc:  # unusable adversarial inputs: a spec/case mismatch fails the launch
         results, steps_result = [exc] * len(prepared), exc
+    else:
+        requests = [req for _, req in prepared]
+        outcome = _call(sel, lambda: backend.run_session(requests, steps_request), len(prepared) + 1)
+        if isinstance(outcome, BaseException):
+            results, steps_result = [outcome] * len(prepared), outcome
+        else:
+            observations, steps_result = outcome  # type: ignore[misc]
+            results = [_validated(obs, req) for obs, (_, req) in zip(observations, prepared)]
     for (case, _), result in zip(prepared, results):
         yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
     if want_steps:
         yield _steps_records(sel, entry, name, dtype, steps_ref, steps_result)
+
+
+def _validated(obs: object, request: RunRequest) -> Observation | BaseException:
+    try:
+        return validate_observation(obs, request)
+    except MalformedObservation as exc:
+        return exc
 
 
 def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dtype: str) -> Iterator[list[CheckResult]]:
@@ -270,14 +332,12 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
             for case, _ in prepared:
                 yield _records(sel, entry, name, dtype, case, checks, lambda _c, r=reason: Outcome(None, message=r))
             continue
-        if getattr(backend, "run_session", None) is not None:
-            yield from _session_records(sel, entry, name, backend, dtype, checks, prepared, check_input)
+        if is_multi_rank(backend):
+            yield from _session_records(sel, entry, name, backend, dtype, checks, prepared, check_input)  # type: ignore[arg-type]
             continue
         for case, request in prepared:
-            try:
-                result: Observation | BaseException = backend.run(request)
-            except Exception as exc:  # the backend broke: report it, keep gating the rest
-                result = exc
+            outcome = _call(sel, lambda request=request: backend.run(request))  # type: ignore[misc]
+            result = outcome if isinstance(outcome, BaseException) else _validated(outcome, request)
             yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
 
 

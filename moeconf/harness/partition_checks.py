@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from moeconf.checks import TOLERANCES, Outcome, compare, merge
-from moeconf.partition.steps import StepsObservation, StepsReference
+from moeconf.backends.base import StepsObservation
+from moeconf.harness.checks import TOLERANCES, Outcome, compare, merge
+from moeconf.harness.steps import StepsReference
 
 STEPS_CASE = "adversarial_steps"
 PARTITION_CHECKS = ("no_hang", "partition_output", "partition_grads", "partition_zero_grads", "partition_params")

@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeconf.backends.hf_block import (
+from moeconf.backends.base import Observation, RunRequest, StepObservation, StepsRequest
+from moeconf.backends.dense import apply_dense_patch
+from moeconf.hf.block import (
     build_block,
     cast_like_from_pretrained,
+    framework_losses,
     load_params,
     recording,
     to_canonical,
@@ -31,22 +34,6 @@ Strategy = Literal["zero2", "zero3", "fsdp2"]
 
 
 @dataclass(frozen=True)
-class CaseInput:
-    params: Params
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
-    grad_output: torch.Tensor
-
-
-@dataclass(frozen=True)
-class StepsInput:
-    params: Params
-    batches: tuple[tuple[torch.Tensor, ...], ...]
-    grad_outputs: tuple[tuple[torch.Tensor, ...], ...]
-    lr: float
-
-
-@dataclass(frozen=True)
 class RankJob:
     """Everything a rank needs (picklable: the entry is data)."""
 
@@ -55,8 +42,8 @@ class RankJob:
     leaf: bool
     dense: bool
     dtype: torch.dtype
-    cases: tuple[CaseInput, ...]
-    steps: StepsInput | None
+    cases: tuple[RunRequest, ...]
+    steps: StepsRequest | None
 
 
 class Wrapper(nn.Module):
@@ -86,8 +73,6 @@ def _block(job: RankJob, params: Params) -> nn.Module:
     block = build_block(job.entry, "eager" if "eager" in job.entry.experts_implementations else None)
     load_params(job.entry, block, params)
     if job.dense:
-        from moeconf.partition.dense import apply_dense_patch
-
         apply_dense_patch(block, job.entry)
     return cast_like_from_pretrained(job.entry, block, job.dtype).train(job.entry.train_mode)
 
@@ -176,48 +161,61 @@ def _forward_backward(
     return out.detach(), x.grad, rec
 
 
-def run_case(job: RankJob, case: CaseInput) -> dict[str, Any]:
-    """One replicated batch (every rank sees the same tokens): output, routing, full grads."""
+def run_case(job: RankJob, case: RunRequest) -> Observation:
+    """One replicated batch (every rank sees the same tokens): output, routing, losses, full grads."""
     engine = _engine(job, case.params, lr=0.0)
     out, grad_input, rec = _forward_backward(job, engine, case.hidden, case.grad_output)
     index, weights = rec.routing(job.entry)
     logits = rec.router_logits(job.entry)
+    aux, z = framework_losses(job.entry, logits, case.attention_mask)
     grads, missing = _gathered(job, engine, engine.full_grad)
     grads["input"] = grad_input
-    return {
-        "output": out,
-        "topk_index": index,
-        "topk_weights": None if weights is None else weights.detach(),
-        "router_logits": None if logits is None else logits.detach(),
-        "grads": grads,
-        "missing_grads": missing,
-    }
+    return Observation(
+        output=out,
+        topk_index=index,
+        topk_weights=_detached(weights),
+        router_logits=_detached(logits),
+        aux_loss=_detached(aux),
+        z_loss=_detached(z),
+        grads=grads,
+        missing_grads=missing,
+    )
 
 
-def run_steps(job: RankJob, steps: StepsInput) -> dict[str, Any]:
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+def run_steps(job: RankJob, steps: StepsRequest) -> list[StepObservation]:
     """The adversarial steps: this rank's batch per step, gathered full grads and params after each step."""
     rank = dist.get_rank()
     engine = _engine(job, steps.params, lr=steps.lr)
-    outputs, grads, missing, params_after = [], [], [], []
+    seen = []
     for batch, grad_output in zip(steps.batches, steps.grad_outputs):
         out, _, _ = _forward_backward(job, engine, batch[rank], grad_output[rank])
         step_grads, step_missing = _gathered(job, engine, engine.full_grad)
         engine.step()
         engine.zero_grad()
-        outputs.append(out)
-        grads.append(step_grads)
-        missing.append(step_missing)
-        params_after.append(_gathered(job, engine, engine.full_param)[0])
-    return {"outputs": outputs, "grads": grads, "missing_grads": missing, "params_after": params_after}
+        seen.append(StepObservation(out, step_grads, step_missing, _gathered(job, engine, engine.full_param)[0]))
+    return seen
 
 
-def run_job(job: RankJob) -> dict[str, Any]:
+@dataclass
+class RankResult:
+    """What one rank returns to the launcher (picklable)."""
+
+    rank: int
+    cases: list[Observation]
+    steps: list[StepObservation] | None
+
+
+def run_job(job: RankJob) -> RankResult:
     """The rank function given to ``run_ranks``."""
     torch.manual_seed(0)
     with _quiet():
         cases = [run_case(job, case) for case in job.cases]
         steps = run_steps(job, job.steps) if job.steps is not None else None
-    return {"rank": dist.get_rank(), "cases": cases, "steps": steps}
+    return RankResult(dist.get_rank(), cases, steps)
 
 
 @contextmanager

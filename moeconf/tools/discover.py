@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeconf.backends.hf_block import EntryError, block_config, build_block, build_config, load_params, recording
-from moeconf.cases import MIN_MARGIN, draw_params
-from moeconf.checks import TOLERANCES, compare
+from moeconf.harness.cases import MIN_MARGIN, draw_params
+from moeconf.harness.checks import TOLERANCES, compare
+from moeconf.hf.block import EntryError, block_config, build_block, build_config, load_params, recording
 from moeconf.params import Params, round_through
 from moeconf.reference import reference_forward, route
 from moeconf.registry.entry import ArchEntry, Binding
@@ -1339,9 +1339,9 @@ def _no_match(model_type: str, candidates: Sequence[Candidate], problems: Sequen
 
 def verify_entry(entry: ArchEntry) -> list[Any]:
     """The engine's fp32 hf-eager records of ``entry`` on every case (``moeconf check`` parity)."""
-    from moeconf import engine
     from moeconf.backends import resolve_backend
-    from moeconf.cases import CASES
+    from moeconf.harness import engine
+    from moeconf.harness.cases import CASES
 
     sel = engine.Selection(archs=(entry.model_type,))
     backends = {"hf-eager": resolve_backend("hf-eager")}

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ def block_config(entry: ArchEntry, config: Any) -> Any:
     return config
 
 
-@lru_cache(maxsize=None)
+@cache
 def block_class(entry: ArchEntry) -> type[nn.Module]:
     module = importlib.import_module(entry.modeling_module)
     try:
@@ -64,7 +64,7 @@ def build_block(entry: ArchEntry, experts_implementation: str | None = None) -> 
     return cls(config, layer_idx=0) if entry.block_init == "config_and_layer_idx" else cls(config)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fp32_patterns(modeling_module: str) -> tuple[str, ...]:
     """``_keep_in_fp32_modules_strict`` of every model class in the block's modeling module."""
     module = importlib.import_module(modeling_module)
@@ -257,3 +257,21 @@ def framework_loss_fn(entry: ArchEntry, name: str) -> Any:
     if fn is None:
         raise EntryError(f"{entry.model_type}: {entry.modeling_module} defines no {name}")
     return fn
+
+
+def framework_losses(
+    entry: ArchEntry, router_logits: torch.Tensor | None, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(aux_loss, z_loss)`` as the model computes them from the router output it records, with
+    the modeling module's own ``load_balancing_loss_func`` / ``router_z_loss_func``; None where the
+    architecture has no such loss or nothing was recorded."""
+    spec = entry.spec
+    if router_logits is None:
+        return None, None
+    aux = z = None
+    if spec.losses.aux == "switch":
+        mask = attention_mask.to(router_logits.device)
+        aux = framework_loss_fn(entry, "load_balancing_loss_func")((router_logits,), spec.num_experts, spec.top_k, mask)
+    if spec.losses.z_loss:
+        z = framework_loss_fn(entry, "router_z_loss_func")(router_logits)
+    return aux, z

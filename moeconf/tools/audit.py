@@ -12,7 +12,7 @@ Two checks per entry, both on ``getattr(transformers, entry.model_class)(tiny co
   batch with labels (regression #7: the coefficient is silently ignored). Entries without an aux loss
   whose config still carries a coefficient or the flag get a warning (the knob does nothing).
 
-``main_audit`` renders the results as ``moeconf.engine.CheckResult`` records (backend ``config``).
+``main_audit`` renders the results as ``moeconf.harness.engine.CheckResult`` records (backend ``config``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeconf.backends.hf_block import build_config
+from moeconf.hf.block import build_config
 from moeconf.registry.entry import ArchEntry
 
 AuditStatus = Literal["pass", "fail", "warn", "skip"]
@@ -366,18 +366,20 @@ def audit_entry(entry: ArchEntry) -> list[AuditResult]:
 
 
 def to_check_results(entry: ArchEntry, results: Sequence[AuditResult]) -> list[Any]:
-    """``moeconf.engine.CheckResult`` records (warn → pass, message prefixed ``WARNING:``)."""
-    from moeconf.engine import CheckResult
+    """``moeconf.harness.engine.CheckResult`` records (warn → pass, message prefixed ``WARNING:``)."""
+    from moeconf.harness.engine import CheckResult
+    from moeconf.harness.status import declared_verdict
 
     records = []
     for r in results:
-        status = "pass" if r.status == "warn" else r.status
         message = f"WARNING: {r.message}" if r.status == "warn" else r.message
         declared = entry.expectation(r.check, "config", "fp32", "cpu")
-        if declared is not None and declared.status == "xfail":  # strict, as in the parity engine
-            status = "xfail" if status == "fail" else "fail"
-            verdict = "failed as declared" if status == "xfail" else "passed, but is declared xfail"
-            message = f"{verdict}: {declared.reason}. {message}"
+        passed = None if r.status == "skip" else r.status != "fail"
+        status, prefix = declared_verdict(
+            passed, declared.status if declared else None, declared.reason if declared else ""
+        )
+        if prefix:
+            message = f"{prefix} {message}"
         records.append(
             CheckResult(
                 arch=entry.model_type,
@@ -400,8 +402,8 @@ def to_check_results(entry: ArchEntry, results: Sequence[AuditResult]) -> list[A
 
 def main_audit(archs: list[str], fmt: str) -> int:
     """Audit ``archs`` and print the report (``text|json|junit``); 0 all passed, 1 a failure."""
+    from moeconf.harness.report import FAILING, RENDERERS
     from moeconf.registry import get_entry
-    from moeconf.report import FAILING, RENDERERS
 
     start = time.perf_counter()
     records = []

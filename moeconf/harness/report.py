@@ -10,10 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from moeconf.engine import CheckResult
-
-STATUSES = ("pass", "fail", "xfail", "skip", "error")
-FAILING = frozenset({"fail", "error"})
+from moeconf.harness.engine import CheckResult
+from moeconf.harness.status import FAILING, SEVERITY, STATUSES
 
 
 def summary(records: Sequence[CheckResult], wall_s: float | None = None) -> dict[str, object]:
@@ -46,7 +44,7 @@ def progress_line(group: Sequence[CheckResult]) -> str:
 
 def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
     """A table per (arch, backend, dtype, device) × check (worst status over cases), then failures with repros."""
-    order = {s: i for i, s in enumerate(("error", "fail", "xfail", "pass", "skip"))}
+    order = SEVERITY
     table: dict[tuple[str, str, str, str], dict[str, CheckResult]] = {}
     for r in records:
         row = table.setdefault((r.arch, r.backend, r.dtype, r.device), {})
