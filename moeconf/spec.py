@@ -2,8 +2,8 @@
 
 A spec has no behaviour. The reference (``moeconf.reference``) reads it to compute what a block
 *should* produce; the registry pairs one spec with each HF ``model_type``. Every option is a named
-``Literal`` field so that one reference serves every router family (see
-shared/notes/transformers-moe-landscape.md §4 for the families these fields span).
+``Literal`` field so that one reference serves every router family (see docs/router-families.md for
+the families these fields span).
 """
 
 from __future__ import annotations

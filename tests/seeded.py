@@ -41,7 +41,7 @@ def _swap_gate_up(block: nn.Module, entry: ArchEntry) -> None:
 gate_up_swapped = HFBlockBackend("gate-up-swapped", patch=_swap_gate_up)
 
 
-# --- aux_loss: router records probabilities as its logits (transformers #45120, case #5) ---------
+# --- aux_loss: router records probabilities as its logits (docs/regression-cases.md #5) ----------
 def _probs_as_logits(block: nn.Module, entry: ArchEntry) -> None:
     _replace_router_output(block, entry, lambda logits, w, i: (torch.softmax(logits.float(), -1), w, i))
 
@@ -49,7 +49,7 @@ def _probs_as_logits(block: nn.Module, entry: ArchEntry) -> None:
 aux_from_probs = HFBlockBackend("aux-from-probs", patch=_probs_as_logits)
 
 
-# --- aux_loss: padded tokens counted in the load-balancing statistics (transformers #28505, case #6)
+# --- aux_loss: padded tokens counted in the load-balancing statistics (docs/regression-cases.md #6)
 class _IgnoresPadding(HFBlockBackend):
     def run(self, request: RunRequest) -> Observation:
         return super().run(dataclasses.replace(request, attention_mask=torch.ones_like(request.attention_mask)))
@@ -105,7 +105,7 @@ def _scale_input_grad(block: nn.Module, entry: ArchEntry) -> None:
 input_grad_scaled = HFBlockBackend("input-grad-scaled", patch=_scale_input_grad)
 
 
-# --- grad_experts: rows of an expert that got no token are not zero (transformers PR #48205, #10) --
+# --- grad_experts: rows of an expert that got no token are not zero (docs/regression-cases.md #10) -
 def _dirty_empty_rows(block: nn.Module, entry: ArchEntry) -> None:
     # Tiny enough to pass every tolerance; only the exact-zero rule can see it.
     block.experts.down_proj.register_hook(lambda g: g + 1e-30)

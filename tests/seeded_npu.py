@@ -1,4 +1,4 @@
-"""Seeded bugs in the NPU grouped-matmul path (shared/notes/regression-cases.md #8, #9, #10).
+"""Seeded bugs in the NPU grouped-matmul path (docs/regression-cases.md #8, #9, #10).
 
 Each subclasses the ``npu-gmm`` backend and breaks one step, as a framework patch would.
 """

@@ -1,4 +1,4 @@
-"""Configuration audit: ZeRO-3 leaf keys (regressions #3, #4) and aux-loss composition (regression #7)."""
+"""Configuration audit: ZeRO-3 leaf keys and aux-loss composition (docs/regression-cases.md #3, #4, #7)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_passing_check_exits_0_with_a_table(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_failing_check_exits_1_and_json_records_carry_repros(tmp_path: Path) -> None:
-    report = tmp_path / "deep" / "report.json"
+    report = tmp_path / "report.json"  # the directory must exist: --output creates no directories
     code = main(
         [
             "check",

@@ -10,7 +10,8 @@ from moeconf.registry import REGISTRY
 from moeconf.tools import coverage
 
 NOTES_FAMILIES = (
-    # shared/notes/transformers-moe-landscape.md §1, families table (model types as written there).
+    # Hand-written list of the token-level MoE model types of transformers 5.24, by router family
+    # (docs/router-families.md; the unsupported ones in docs/transformers-moe-landscape.md).
     "mixtral",
     "minimax",
     "qwen2_moe",
@@ -114,9 +115,9 @@ def test_discovery_finds_the_landscape() -> None:
     found = coverage.discover_moe_model_types()
     assert len(found) >= 95, f"only {len(found)} MoE model types discovered"
     expected = [t for t in NOTES_FAMILIES if t in CONFIG_MAPPING_NAMES]
-    assert len(expected) >= 70  # the notes' families still exist in the installed transformers
+    assert len(expected) >= 70  # the hand-written families still exist in the installed transformers
     missing = [t for t in expected if t not in found]
-    assert not missing, f"notes' MoE types not discovered: {missing}"
+    assert not missing, f"hand-listed MoE types not discovered: {missing}"
     # Sub-config and alias types, and the evidence string.
     for model_type in ("qwen3_5_moe_text", "llama4_text", "sarvam_mla", "sarvam_moe"):
         assert model_type in found, model_type

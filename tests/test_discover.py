@@ -8,14 +8,17 @@ import pytest
 import torch
 
 from moeconf import registry
+from moeconf.cli import main as cli_main
 from moeconf.registry import REGISTRY, ArchEntry
 from moeconf.spec import ExpertSpec, MoESpec
 from moeconf.tools import discover as disc
+from moeconf.tools.discover import candidates as disc_candidates
 
 pytestmark = pytest.mark.slow
 
 CANDIDATE_TYPES = (
-    # The core ten first, then every family of §4 the registry holds (R1-R6, Llama-4, Kolibri, ERNIE, ...).
+    # The core ten first, then every router family the registry holds (softmax / sigmoid / top-k on
+    # logits / group-limited / p-norm, Llama-4, Kolibri, ERNIE, ...).
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -205,27 +208,27 @@ def test_proposed_source_rebuilds_the_entry() -> None:
 
 
 def test_cli_proposes_and_ranks(capsys: pytest.CaptureFixture[str]) -> None:
-    assert disc.main_discover(["olmoe"]) == 0
+    assert cli_main(["discover", "olmoe"]) == 0
     out = capsys.readouterr().out
     assert "ArchEntry(" in out and "match" in out and "records pass" in out
 
 
 def test_cli_exits_1_when_nothing_matches(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # Only router families the Mixtral block does not compute (no renormalisation, sigmoid, ...).
-    real = disc.router_candidates
+    real = disc_candidates.router_candidates
     monkeypatch.setattr(
-        disc,
+        disc_candidates,
         "router_candidates",
         lambda facts, config: [
             c for c in real(facts, config) if c.spec.renorm == "never" and c.spec.select_on == "scores"
         ],
     )
-    assert disc.main_discover(["mixtral", "--format", "json"]) == 1
+    assert cli_main(["discover", "mixtral", "--format", "json"]) == 1
     out = capsys.readouterr().out
     assert '"ok": false' in out and "no candidate reproduces" in out
 
 
 def test_cli_explains_unbindable_blocks(capsys: pytest.CaptureFixture[str]) -> None:
-    assert disc.main_discover(["switch_transformers"]) == 1
+    assert cli_main(["discover", "switch_transformers"]) == 1
     out = capsys.readouterr().out
     assert "no candidate can bind every block parameter" in out and "experts.expert_" in out

@@ -1,14 +1,31 @@
 """Backends: thin adapters that run the code under test behind one Protocol (``Backend``).
 
 Resolution of a ``--backend`` value: a built-in name, an entry point in the ``moeconf.backends``
-group, or ``package.module:attr`` (a backend object, a class, or a zero-argument factory).
+group, or ``package.module:attr`` (``attr`` may be dotted: ``module:Class.factory``). What the
+entry point or attribute names must be one of:
+
+1. a backend object (has ``name``, ``devices``, ``dtypes``, ``supports()``, ``run()``): used as is;
+2. a class defining ``run`` and ``supports``: instantiated with no arguments;
+3. a Python function or method, or a ``functools.partial`` of one, whose return annotation is
+   ``Backend``/``MultiRankBackend`` or a class defining ``run`` and ``supports``: called with no
+   arguments (a ``partial`` of such a class counts too).
+
+Nothing else is ever called. The rule is deliberately about what the object *declares*, not what
+it returns: ``--backend os:getpid`` or ``--backend shutil:rmtree`` must not run arbitrary code just
+to find out that the result is not a backend. Whatever a class or factory returns is checked to be
+a backend object. Every way this can go wrong (no such module, the module raising or not parsing on
+import, a class that needs arguments, a factory that raises) is a ``BackendLoadError``: one line, a
+usage error, never a traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
@@ -58,11 +75,122 @@ BUILTIN: dict[str, Callable[[], Backend]] = {
 ENTRY_POINT_GROUP = "moeconf.backends"
 
 
+class BackendLoadError(UnknownName):
+    """A ``--backend`` value that names no usable backend (a usage error; the message is one line)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message at file:line`` (innermost frame outside importlib)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}{where}" if lines else f"{type(exc).__name__}{where}"
+
+
+def _defines_backend_methods(cls: type) -> bool:
+    return callable(getattr(cls, "run", None)) and callable(getattr(cls, "supports", None))
+
+
+def _returns_backend(fn: Callable[..., object]) -> bool:
+    """Whether ``fn``'s return annotation declares a backend (see the module docstring, rule 3)."""
+    try:
+        annotation = inspect.signature(fn, eval_str=True).return_annotation
+    except (NameError, SyntaxError, TypeError, ValueError):
+        # NOTE: an annotation imported under TYPE_CHECKING cannot be evaluated; trust its spelling.
+        raw = getattr(fn, "__annotations__", {}).get("return")
+        return isinstance(raw, str) and raw.rsplit(".", 1)[-1] in ("Backend", "MultiRankBackend")
+    if annotation in (Backend, MultiRankBackend):
+        return True
+    return isinstance(annotation, type) and _defines_backend_methods(annotation)
+
+
+def _refusal(obj: object) -> str | None:
+    """None when ``obj`` may be called with no arguments to build a backend, else why not."""
+    if isinstance(obj, functools.partial):
+        inner = _refusal(obj.func)
+        return None if inner is None else f"functools.partial over something not allowed: {inner}"
+    if isinstance(obj, type):
+        if not _defines_backend_methods(obj):
+            return f"class {obj.__qualname__} defines no run() and supports()"
+        return None
+    if inspect.isfunction(obj) or inspect.ismethod(obj):
+        if _returns_backend(obj):
+            return None
+        return (
+            f"function {obj.__qualname__} is not annotated to return a backend "
+            "(annotate it `-> moeconf.backends.Backend`, or export a backend object)"
+        )
+    return f"it is a {type(obj).__name__}, not a backend object, a backend class or a backend factory"
+
+
+def _needs_arguments(obj: Callable[..., object]) -> str | None:
+    """The parameters ``obj()`` would be missing, or None when it can be called with no arguments."""
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None  # no introspectable signature: the call itself will tell
+    try:
+        signature.bind()
+    except TypeError:
+        required = [
+            p.name
+            for p in signature.parameters.values()
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        return ", ".join(required)
+    return None
+
+
 def _instantiate(obj: object, origin: str) -> Backend:
-    backend = obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend)) else obj
-    if not isinstance(backend, Backend):
-        raise UnknownName(f"{origin} is not a moeconf backend (needs name, devices, dtypes, supports(), run())")
-    return backend
+    """``obj`` itself when it is a backend object, else what calling it (when allowed) returns."""
+    if not isinstance(obj, type) and isinstance(obj, Backend):
+        return obj
+    refusal = _refusal(obj)
+    if refusal is not None:
+        raise BackendLoadError(f"{origin} is not a moeconf backend: {refusal}")
+    factory: Callable[[], object] = obj  # type: ignore[assignment]
+    label = getattr(obj, "__qualname__", None) or getattr(getattr(obj, "func", None), "__qualname__", repr(obj))
+    missing = _needs_arguments(factory)
+    if missing:
+        raise BackendLoadError(
+            f"{origin}: {label}() needs arguments ({missing}); export a backend object or a zero-argument factory"
+        )
+    try:
+        made = factory()
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's factory failing is a usage error
+        raise BackendLoadError(f"{origin}: {label}() raised {_one_line(exc)}") from None
+    if isinstance(made, type) or not isinstance(made, Backend):
+        raise BackendLoadError(
+            f"{origin}: {label}() returned a {type(made).__name__}, not a moeconf backend "
+            "(needs name, devices, dtypes, supports(), run())"
+        )
+    return made
+
+
+def _load_attribute(name: str) -> object:
+    """The object ``package.module:attr[.attr...]`` names; ``BackendLoadError`` on any failure."""
+    module_name, _, attr_path = name.partition(":")
+    if not module_name or not attr_path:
+        raise BackendLoadError(f"cannot load backend {name!r}: expected package.module:attr")
+    if os.getcwd() not in sys.path:  # as `python -m` would: a repro from the project root finds its modules
+        sys.path.append(os.getcwd())
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise BackendLoadError(f"cannot load backend {name!r}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a module that raises, exits or does not parse
+        raise BackendLoadError(
+            f"cannot load backend {name!r}: importing {module_name} raised {_one_line(exc)}"
+        ) from None
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise BackendLoadError(
+                f"cannot load backend {name!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!s} "
+                f"has no attribute {part!r}"
+            ) from None
+    return obj
 
 
 def available_backends() -> list[str]:
@@ -76,16 +204,13 @@ def resolve_backend(name: str) -> Backend:
         return BUILTIN[name]()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            return _instantiate(ep.load(), f"entry point {name!r}")
+            try:
+                loaded = ep.load()
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin is a usage error
+                raise BackendLoadError(f"cannot load entry point {name!r} ({ep.value}): {_one_line(exc)}") from None
+            return _instantiate(loaded, f"entry point {name!r}")
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        if os.getcwd() not in sys.path:  # as `python -m` would: a repro from the project root finds its modules
-            sys.path.append(os.getcwd())
-        try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UnknownName(f"cannot load backend {name!r}: {exc}") from None
-        return _instantiate(obj, name)
+        return _instantiate(_load_attribute(name), name)
     raise UnknownName(
         f"unknown backend {name!r}; available: {', '.join(available_backends())} (or package.module:attr)"
     )
@@ -95,6 +220,7 @@ __all__ = [
     "BUILTIN",
     "Backend",
     "BackendError",
+    "BackendLoadError",
     "EnvironmentFault",
     "HFBlockBackend",
     "MultiRankBackend",

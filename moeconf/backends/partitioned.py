@@ -8,16 +8,26 @@ Every case runs with the same batch replicated on all ranks (so the averaged gra
 single-process ones and the standard parity checks apply); ``run_session`` also runs the adversarial
 multi-step case (``moeconf.harness.steps``). A hang or a dead rank is raised as ``RankFailure``
 (one-line summary + every rank's Python stack); no process outlives the call.
+
+Blame: before any rank starts, ``preflight`` finds what the machine lacks (a writable temp dir and
+torch-extension dir, a free port, deepspeed) and settles DeepSpeed's build (a killed build's lock
+removed, the comm op built once, up front, outside the ranks' deadline); after a failed launch,
+``environment_verdict`` recognises ranks that died or waited because of the machine. Both raise
+``EnvironmentFault`` (``setup`` records, exit 2); only what remains is a ``RankFailure`` of the code.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from moeconf.backends.base import (
-    BackendError,
+    EnvironmentFault,
     Observation,
     RankFailure,
     RunRequest,
@@ -26,25 +36,155 @@ from moeconf.backends.base import (
 )
 from moeconf.backends.dense import dense_reason
 from moeconf.backends.rank_job import RankJob, RankResult, Strategy
-from moeconf.devices import device_available
-from moeconf.distributed import MultiRankResult, run_ranks
+from moeconf.devices import SettingError, device_available, rank_deadline_s
+from moeconf.distributed import MultiRankResult, RankOutcome, run_ranks
+from moeconf.distributed.deepspeed_env import LOCK_WAIT_S, extensions_fix, extensions_root, prepare_deepspeed_cpu
+from moeconf.distributed.environment import EnvironmentProblem, check_free_port, check_temp_dir, environment_cause
+from moeconf.distributed.launcher import importing_module
 from moeconf.registry.entry import ArchEntry
 
-DEFAULT_DEADLINE_S = float(os.environ.get("MOECONF_DEADLINE_S", "120"))
+HEADLINE_MAX = 400
+"""Characters of a summary line (a long exception message must not turn it into a page)."""
+
+
+def _notice(message: str) -> None:
+    """One line on stderr for what the user should know but that is not a result (a removed lock,
+    a first build): stdout is the report's."""
+    print(f"moeconf: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# before any rank starts
+
+
+@functools.cache
+def _deepspeed_ready(cache_vars: tuple[str | None, ...], lock_wait_s: float) -> None:
+    """Once per process and cache location (``cache_vars``: the variables that move it): a writable
+    extension dir, no dead build's lock, DeepSpeed's CPU comm op built. A failure is not cached."""
+    prepare_deepspeed_cpu(_notice, lock_wait_s=lock_wait_s)
+
+
+def _cache_vars() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(v) for v in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME", "HOME"))
+
+
+def _deepspeed_installed() -> bool:
+    """Without importing it (seconds, and DeepSpeed picks its accelerator at import)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def preflight(backend_name: str, uses_deepspeed: bool, lock_wait_s: float = LOCK_WAIT_S) -> None:
+    """Faults of the machine that would make the ranks die or wait for reasons unrelated to the MoE
+    code, raised as ``EnvironmentFault`` (one line naming the path or resource and the fix).
+
+    A missing deepspeed for a DeepSpeed backend is one of them: ``supports()`` judges the
+    architecture, this judges the machine; the backend was asked for, so not running it is not a
+    pass (``setup``, exit 2), whatever else ran.
+    """
+    try:
+        check_temp_dir()
+        check_free_port()
+        if uses_deepspeed:
+            if not _deepspeed_installed():
+                raise EnvironmentProblem(
+                    f"deepspeed is not installed and {backend_name} needs it: pip install 'moeconf[deepspeed]'"
+                )
+            _deepspeed_ready(_cache_vars(), lock_wait_s)
+    except EnvironmentProblem as exc:
+        raise EnvironmentFault(str(exc)) from None
+
+
+# --------------------------------------------------------------------------
+# after the ranks: the machine's fault, or the code's
+
+
+def _machine_dirs() -> dict[Path, str]:
+    """Directories whose faults are the machine's, each with the variable that moves it."""
+    home = Path(os.path.abspath(os.path.expanduser("~")))
+    return {
+        Path(os.path.abspath(extensions_root())): extensions_fix(),
+        Path(os.path.abspath(tempfile.gettempdir())): "set TMPDIR to a writable directory",
+        home: f"make HOME={home} writable, or set TORCH_EXTENSIONS_DIR and TMPDIR to writable directories",
+    }
+
+
+def _in_extension_build(o: RankOutcome) -> bool:
+    """Was the rank (at the deadline) waiting on a torch-extension build lock or compiling one?
+    That is DeepSpeed's JIT cache, never the MoE code."""
+    where = o.where() or ""
+    return where.split(" at ", 1)[-1].startswith(("file_baton.py", "cpp_extension.py"))
+
+
+def environment_verdict(result: MultiRankResult) -> str | None:
+    """One line when the ranks failed because of the machine (conservative: known signatures only,
+    see ``moeconf.distributed.environment.environment_cause``), else None."""
+    if result.status == "error":
+        return f"the ranks could not start: {result.message.splitlines()[0] if result.message else 'launcher error'}"
+    if result.status == "crash":
+        first = sorted(result.outcomes, key=lambda o: o.rank != result.failed_rank)
+        for o in first:
+            cause = environment_cause(o.exception or "", _machine_dirs())
+            if cause:
+                return f"rank {o.rank} died of a fault of the machine: {cause}"
+    if result.status == "deadlock":
+        return _slow_not_stuck(result)
+    return None
+
+
+def _slow_not_stuck(result: MultiRankResult) -> str | None:
+    """A deadline that passed while ranks were not running the code under test yet: waiting on a
+    torch-extension build lock, compiling one, or every still-running rank importing modules (an
+    overloaded machine; a rank that waits for its peers in a collective is never in an import)."""
+    running = [o for o in result.outcomes if o.killed_by_launcher]
+    building = [o for o in running if _in_extension_build(o)]
+    if building:
+        where = "; ".join(f"rank {o.rank} in {o.where()}" for o in building)
+        return (
+            f"ranks {[o.rank for o in building]} were still loading a torch extension after "
+            f"{result.deadline_s:g} s ({where}): a build lock under {extensions_root()} is held by another "
+            "process or was left by a killed build; rerun (moeconf removes a stale lock first) or rm it"
+        )
+    imports = {o.rank: importing_module(o.stack or "") for o in running}
+    if running and all(imports.values()):
+        where = "; ".join(f"rank {r} in {_short_path(m or '?')}" for r, m in imports.items())
+        return (
+            f"ranks {list(imports)} were still importing modules after {result.deadline_s:g} s ({where}): "
+            "the machine is too slow or too loaded for the deadline; raise MOECONF_DEADLINE_S"
+        )
+    return None
+
+
+def _short_path(path: str) -> str:
+    """``torch/_inductor/codegen/simd.py`` rather than the site-packages path."""
+    parts = Path(path).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1 :])
+    return "/".join(parts[-3:])
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= HEADLINE_MAX else line[: HEADLINE_MAX - 3] + "..."
 
 
 def headline(result: MultiRankResult) -> str:
-    """One line: what happened, to which rank, with which signal or exception."""
+    """One line: what happened, to which rank, with which signal or exception, and where."""
     if result.status == "deadlock":
-        running = [o.rank for o in result.outcomes if o.killed_by_launcher]
-        return f"hang: ranks {running} still running after {result.deadline_s:g} s (every rank's stack on no_hang)"
+        running = [o for o in result.outcomes if o.killed_by_launcher]
+        where = "; ".join(f"rank {o.rank} in {o.where()}" if o.where() else f"rank {o.rank}: no stack" for o in running)
+        done = [o.rank for o in result.outcomes if not o.killed_by_launcher]
+        tail = f"; ranks {done} had finished" if done else ""
+        ranks = [o.rank for o in running]
+        return _clip(f"hang: ranks {ranks} still running after {result.deadline_s:g} s ({where}){tail}")
     failed = next((o for o in result.outcomes if o.rank == result.failed_rank), None)
     if failed is None:
-        return f"{result.status}: {result.message.splitlines()[0] if result.message else 'no rank result'}"
+        return _clip(f"{result.status}: {result.message.splitlines()[0] if result.message else 'no rank result'}")
+    where = failed.where()
+    at = f" (in {where})" if where else ""
     if failed.exception:
-        last = failed.exception.strip().splitlines()[-1]
-        return f"crash: rank {failed.rank} raised {last}"
-    return f"crash: rank {failed.rank} {failed.describe_exit()}"
+        return _clip(f"crash: rank {failed.rank} raised {failed.exception_line()}{at}")
+    without = " without returning a result" if failed.exitcode == 0 else ""
+    return _clip(f"crash: rank {failed.rank} {failed.describe_exit()}{without}{at}")
 
 
 @dataclass
@@ -56,18 +196,24 @@ class PartitionedBackend:
     leaf: bool = False
     dense: bool = False
     world_size: int = 2
-    deadline_s: float = DEFAULT_DEADLINE_S
+    deadline_s: float | None = None
+    """Seconds before the launch counts as hung; None: ``MOECONF_DEADLINE_S`` (default 120), read
+    at each launch."""
     devices: tuple[str, ...] = ("cpu",)
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     rank_fn: str = "moeconf.backends.rank_job:run_job"
     negative_control: bool = False
     """A configuration known to be wrong (no leaf, stock block): the suite expects it to be caught."""
+    lock_wait_s: float = LOCK_WAIT_S
+    """How long to wait for another process's live build of DeepSpeed's op before a ``setup`` fault."""
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.strategy != "fsdp2"
 
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
         if device not in self.devices or not device_available(device):
             return f"{self.name} runs on {', '.join(self.devices)} only"
-        if self.strategy != "fsdp2" and importlib.util.find_spec("deepspeed") is None:
-            return "deepspeed is not installed (pip install 'moeconf[deepspeed]')"
         if self.dense:
             return dense_reason(entry)
         return None
@@ -76,6 +222,15 @@ class PartitionedBackend:
         observations, _ = self.run_session([request], None)
         return observations[0]
 
+    def deadline(self) -> float:
+        """This launch's deadline (``EnvironmentFault`` naming the variable when it is unusable)."""
+        if self.deadline_s is not None:
+            return self.deadline_s
+        try:
+            return rank_deadline_s()
+        except SettingError as exc:
+            raise EnvironmentFault(str(exc)) from None
+
     def run_session(
         self, requests: list[RunRequest], steps: StepsRequest | None
     ) -> tuple[list[Observation], StepsObservation | None]:
@@ -83,6 +238,8 @@ class PartitionedBackend:
         first = requests[0] if requests else steps
         if first is None:
             return [], None
+        deadline_s = self.deadline()
+        preflight(self.name, self.uses_deepspeed, self.lock_wait_s)
         job = RankJob(
             entry=first.entry,
             strategy=self.strategy,
@@ -93,13 +250,13 @@ class PartitionedBackend:
             steps=steps,
         )
         env = {"DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-        result = run_ranks(self.rank_fn, (job,), world_size=self.world_size, deadline_s=self.deadline_s, env=env)
-        if result.status == "deadlock":
-            raise RankFailure("hang", headline(result), result.report(), result.run_id)
-        if result.status == "crash":
-            raise RankFailure("crash", headline(result), result.report(), result.run_id)
+        result = run_ranks(self.rank_fn, (job,), world_size=self.world_size, deadline_s=deadline_s, env=env)
         if result.status != "ok":
-            raise BackendError(f"the launcher failed: {result.message}")
+            cause = environment_verdict(result)
+            if cause is not None:
+                raise EnvironmentFault(cause)
+            kind = "hang" if result.status == "deadlock" else "crash"
+            raise RankFailure(kind, headline(result), result.report(), result.run_id)
         per_rank: list[RankResult] = result.results
         steps_obs = None
         if steps is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
-import shutil
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +41,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from moeconf.distributed.cleanup import (
+    make_run_dir,
+    release_run_dir,
+    signals_deferred,
+    sweep_orphaned_run_dirs,
+    terminations_unwind,
+)
 
 Status = Literal["ok", "deadlock", "crash", "error"]
 
@@ -69,6 +77,8 @@ RUN_ID_ENV = "MOECONF_RUN_ID"
 POLL_S = 0.1  # crash detection latency
 STACK_DUMP_WAIT_S = 2.0  # max wait for faulthandler dumps after SIGUSR1
 TAIL_BYTES = 8192  # stdout/stderr tail kept per rank
+REPORT_LOG_LINES = 40  # per rank in report(): the last log lines say why; thousands bury it
+REPORT_EXCEPTION_LINES = 80  # per rank in report(): chained tracebacks keep their last part
 PORT_ATTEMPTS = 3  # retries when the chosen MASTER_PORT was taken meanwhile
 # The in-rank collective timeout must exceed the watchdog deadline, otherwise
 # a hang would surface as a gloo timeout exception ("crash") instead of a
@@ -103,6 +113,68 @@ class RankOutcome:
         if self.signal:
             return f"killed by {self.signal}"
         return f"exit code {self.exitcode}"
+
+    def exception_line(self) -> str | None:
+        """``Type: message`` of the exception the rank raised (the traceback's last line)."""
+        if not self.exception:
+            return None
+        lines = self.exception.rstrip().splitlines()
+        frames = [i for i, ln in enumerate(lines) if ln.startswith("  File ")]
+        # After the last frame: its indented source (and caret) lines, then the message, which may
+        # span several lines (DeepSpeed's "disagreement between ranks" lists each rank's value).
+        rest = lines[frames[-1] + 1 :] if frames else lines
+        while rest and rest[0].startswith("    "):
+            rest = rest[1:]
+        message = " ".join(ln.strip() for ln in rest if ln.strip())
+        return message or None
+
+    def where(self) -> str | None:
+        """``function at file.py:line``: where the rank raised, or was stuck when its stack was
+        dumped, or (a fatal signal) where ``PYTHONFAULTHANDLER`` saw it die; None if unknown."""
+        if self.exception:
+            frames = _TRACEBACK_FRAME.findall(self.exception)
+            if frames:
+                return _frame_text(frames[-1])
+        for text in (self.stack, self.stderr_tail if self.signal else None):
+            frame = _innermost_main_frame(text or "")
+            if frame:
+                return frame
+        return None
+
+
+_TRACEBACK_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)', re.MULTILINE)
+_DUMP_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)', re.MULTILINE)
+_DUMP_THREAD = re.compile(r"^(?:Current thread|Thread) 0x[0-9a-f]+ .*:$", re.MULTILINE)
+
+
+def _frame_text(frame: tuple[str, str, str]) -> str:
+    file, line, func = frame
+    return f"{func} at {os.path.basename(file)}:{line}"
+
+
+def _main_thread(dump: str) -> str:
+    """The main thread's part of a faulthandler dump: the thread whose outermost frames are the
+    rank's entry point (else the one that took the signal)."""
+    starts = [m.start() for m in _DUMP_THREAD.finditer(dump)]
+    blocks = [dump[a:b] for a, b in zip(starts, [*starts[1:], len(dump)])] or [dump]
+    main = next((b for b in blocks if "_rank_main" in b or "_run_module_as_main" in b), None)
+    return main or next((b for b in blocks if b.startswith("Current thread")), blocks[0])
+
+
+def _innermost_main_frame(dump: str) -> str | None:
+    """Innermost frame of the main thread in a faulthandler dump (listed first)."""
+    frames = _DUMP_FRAME.findall(_main_thread(dump))
+    return _frame_text(frames[0]) if frames else None
+
+
+def importing_module(dump: str) -> str | None:
+    """The file whose module body the main thread was executing inside an ``import`` (innermost
+    first), or None when it was not importing."""
+    frames = _DUMP_FRAME.findall(_main_thread(dump))
+    if not any(file.startswith("<frozen importlib") for file, _, _ in frames):
+        return None
+    bodies = [file for file, _, func in frames if func == "<module>" and not file.startswith("<")]
+    return bodies[0] if bodies else "?"
 
 
 @dataclass
@@ -154,14 +226,52 @@ class MultiRankResult:
         for o in self.outcomes:
             lines.append(f"--- rank {o.rank}: {o.describe_exit()}")
             if o.exception:
-                lines += ["  exception:", _indent(o.exception)]
+                lines += ["  exception:", _indent(_last_lines(_without_carets(o.exception), REPORT_EXCEPTION_LINES))]
             if o.stack:
+                # complete: every thread's frames are what a hang is diagnosed from
                 lines += ["  stack:", _indent(o.stack)]
             elif self.status != "ok" and not o.exception:
                 lines.append("  stack: <none: process was already gone or did not answer SIGUSR1>")
-            if self.status != "ok" and o.stderr_tail.strip():
-                lines += ["  stderr (tail):", _indent(o.stderr_tail)]
+            log = _log_tail(o) if self.status != "ok" else ""
+            if log:
+                lines += [f"  stderr (last {REPORT_LOG_LINES} lines at most):", _indent(log)]
         return "\n".join(lines)
+
+
+def _last_lines(text: str, n: int) -> str:
+    lines = text.rstrip().splitlines()
+    if len(lines) <= n:
+        return "\n".join(lines)
+    return "\n".join([f"[... {len(lines) - n} earlier lines left out]", *lines[-n:]])
+
+
+_CARETS = re.compile(r"^\s*[\^~]+\s*$")
+
+
+def _without_carets(traceback_text: str) -> str:
+    """Python 3.11+ underlines the failing expression of each frame (``^^^^``): no information the
+    source line above does not give, and a third of the traceback's length."""
+    return "\n".join(ln for ln in traceback_text.splitlines() if not _CARETS.match(ln))
+
+
+def _log_tail(o: RankOutcome) -> str:
+    """The rank's stderr tail without what the report already shows (``_rank_main`` prints the
+    traceback it records) and without repeats (a warning per step), bounded to
+    ``REPORT_LOG_LINES`` lines."""
+    text = o.stderr_tail
+    if o.exception and o.exception.strip() in text:
+        text = text.replace(o.exception.strip(), "")
+    seen: set[str] = set()
+    kept = []
+    for line in _without_carets(text).splitlines():
+        if line.strip() and line not in seen:
+            seen.add(line)
+            kept.append(line)
+    repeats = sum(1 for ln in _without_carets(text).splitlines() if ln.strip()) - len(kept)
+    if not kept:
+        return ""
+    tail = _last_lines("\n".join(kept), REPORT_LOG_LINES)
+    return tail + (f"\n[{repeats} repeated lines left out]" if repeats else "")
 
 
 def _indent(text: str, prefix: str = "    ") -> str:
@@ -363,6 +473,10 @@ def _base_env(world_size: int, user_env: dict[str, str] | None) -> dict[str, str
 # one attempt (one port, one temp dir, one process group)
 
 
+class LaunchSetupError(Exception):
+    """The launch could not be prepared (no port, no temp dir): a fault of the machine, one line."""
+
+
 class _Attempt:
     """Spawns the ranks of one attempt, watches them, and always cleans up."""
 
@@ -382,8 +496,19 @@ class _Attempt:
         self.deadline_s = deadline_s
         self.start = start
         self.run_id = uuid.uuid4().hex
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="moeconf-ranks-"))
+        try:
+            self.port = free_port()
+        except OSError as exc:
+            raise LaunchSetupError(
+                f"cannot bind a TCP port on 127.0.0.1 for the ranks' rendezvous ({exc.strerror or exc})"
+            ) from None
+        try:
+            self.dir = make_run_dir()
+        except OSError as exc:
+            raise LaunchSetupError(
+                f"cannot create the ranks' run dir in {tempfile.gettempdir()} ({exc.strerror or exc}): "
+                "set TMPDIR to a writable directory"
+            ) from None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pgid: int | None = None
         self.exit_codes: list[int | None] = [None] * world_size
@@ -396,6 +521,12 @@ class _Attempt:
             with open(payload_path(self.dir), "wb") as fh:
                 header = (spec, fn_file, args_blob, backend, deadline_s + PG_TIMEOUT_MARGIN_S)
                 pickle.dump(header, fh)
+        except OSError as exc:
+            self.remove_dir()
+            raise LaunchSetupError(
+                f"cannot write the ranks' payload to {self.dir} ({exc.strerror or exc}): "
+                "set TMPDIR to a directory with free space"
+            ) from None
         except BaseException:
             self.remove_dir()
             raise
@@ -510,7 +641,22 @@ class _Attempt:
                 self.exit_codes[rank] = code
 
     def remove_dir(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        release_run_dir(self.dir)
+
+    def clean_up(self) -> None:
+        """``kill_all`` + ``remove_dir``, completed even when interrupted meanwhile (a second Ctrl-C,
+        the engine's watchdog asking the call to stop): the interruption is re-raised afterwards."""
+        interrupted: BaseException | None = None
+        for _ in range(3):
+            try:
+                with signals_deferred():
+                    self.kill_all()
+                    self.remove_dir()
+                break
+            except BaseException as exc:  # noqa: BLE001 - finish the cleanup first, then re-raise
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     # -- results ------------------------------------------------------------
 
@@ -603,10 +749,13 @@ def run_ranks(
       live rank's stack was dumped before everything was killed.
     * ``"crash"``: a rank exited non-zero, was killed by a signal or raised;
       ``.failed_rank`` names it, the others' stacks are attached.
-    * ``"error"``: the launcher itself failed (spawn error, no free port).
+    * ``"error"``: the launch could not start (spawn error, no free port,
+      no writable temp dir); ``.message`` says which, in one line.
 
-    Whatever happens (including ``KeyboardInterrupt``), no rank process, child
-    of a rank, or temp file survives the call.
+    Whatever happens (``KeyboardInterrupt``, a second one during cleanup,
+    ``SIGTERM``), no rank process, child of a rank, or temp file survives the
+    call; a SIGKILLed caller's run dir is removed by the next call
+    (:mod:`moeconf.distributed.cleanup`).
     """
     spec = fn_spec(fn)
     if world_size < 1:
@@ -614,11 +763,29 @@ def run_ranks(
     args_blob = pickle.dumps(args)  # fail here, not in N ranks, on unpicklable args
     fn_file = _module_file(spec)
     base_env = _base_env(world_size, env)
+    sweep_orphaned_run_dirs()  # what SIGKILLed runs left behind (never a live run's)
     start = time.monotonic()
+    with terminations_unwind():
+        return _attempts(spec, fn_file, args_blob, world_size, deadline_s, backend, base_env, start)
+
+
+def _attempts(
+    spec: str,
+    fn_file: str | None,
+    args_blob: bytes,
+    world_size: int,
+    deadline_s: float,
+    backend: str | None,
+    base_env: dict[str, str],
+    start: float,
+) -> MultiRankResult:
+    """Up to ``PORT_ATTEMPTS`` launches (a new port each time the chosen one was taken meanwhile)."""
     message = ""
-    attempt: _Attempt | None = None
     for attempt_no in range(PORT_ATTEMPTS):
-        attempt = _Attempt(spec, fn_file, args_blob, world_size, deadline_s, backend, base_env, start)
+        try:
+            attempt = _Attempt(spec, fn_file, args_blob, world_size, deadline_s, backend, base_env, start)
+        except LaunchSetupError as exc:
+            return _failed_to_start(spec, world_size, deadline_s, start, str(exc))
         try:
             try:
                 attempt.spawn()
@@ -630,18 +797,26 @@ def run_ranks(
                 continue  # the finally below kills this attempt first
             return _finish(attempt, status, start, message)
         finally:
-            # no-op when _finish already ran; essential on KeyboardInterrupt
-            attempt.kill_all()
-            attempt.remove_dir()
-    assert attempt is not None
-    return MultiRankResult(  # pragma: no cover - needs 3 port clashes in a row
+            # no-op when _finish already ran; essential on KeyboardInterrupt / Terminated
+            attempt.clean_up()
+    return _failed_to_start(  # pragma: no cover - needs 3 port clashes in a row
+        spec,
+        world_size,
+        deadline_s,
+        start,
+        f"MASTER_PORT taken {PORT_ATTEMPTS} times in a row (address already in use)",
+    )
+
+
+def _failed_to_start(spec: str, world_size: int, deadline_s: float, start: float, message: str) -> MultiRankResult:
+    return MultiRankResult(
         status="error",
         outcomes=[],
         elapsed_s=time.monotonic() - start,
         world_size=world_size,
         deadline_s=deadline_s,
         fn=spec,
-        message=f"MASTER_PORT taken {PORT_ATTEMPTS} times in a row",
+        message=message,
     )
 
 

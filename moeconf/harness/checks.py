@@ -83,8 +83,20 @@ def compare(name: str, actual: torch.Tensor | None, expected: torch.Tensor, tol:
         return Outcome(
             False, tol=tol, message=f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
         )
-    if not torch.isfinite(actual).all():
-        return Outcome(False, float("inf"), float("inf"), tol, f"{name}: non-finite values")
+    finite = torch.isfinite(actual)
+    if not finite.all():
+        # NOTE: the code under test computed garbage (a fail, not a malformed observation): say where.
+        bad = (~finite).nonzero()
+        first = tuple(int(i) for i in bad[0])
+        where = list(first) if actual.dim() else ""
+        return Outcome(
+            False,
+            float("inf"),
+            float("inf"),
+            tol,
+            f"{name}{where}: got {float(actual[first])}, expected {float(expected[first]):.6g} "
+            f"({len(bad)} of {actual.numel()} values non-finite)",
+        )
     diff = (actual - expected).abs()
     rel = diff / expected.abs().clamp_min(1e-12)
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0

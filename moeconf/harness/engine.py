@@ -3,9 +3,13 @@
 Both fronts use this: the pytest suites (one test per arch × backend × dtype × device) and
 ``moeconf check``. Neither is a second runner of the other.
 
-Where blame goes (``moeconf.harness.status``): a disagreement with the reference, or ranks that hang
-or die, is ``fail``; a backend that raises or returns a malformed observation is ``error`` (the field
-named); a fault of the machine (``EnvironmentFault``) is ``setup``.
+Where blame goes (``moeconf.harness.status``): a disagreement with the reference, non-finite values,
+or ranks that hang or die, is ``fail``; a backend that raises (``SystemExit`` included), times out
+(``Selection.timeout_s``, with the stack where it was stuck), returns a malformed observation (the
+field named, ``moeconf.harness.validate``), or whose ``supports()`` raises or answers outside its
+contract, is ``error``; a fault of the machine (``EnvironmentFault``) is ``setup``. Only
+``KeyboardInterrupt`` ends a run early: one backend never stops the others, and every backend call
+gets its own copy of the inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from moeconf.backends.base import (
     MultiRankBackend,
     RankFailure,
     StepsObservation,
+    StepsRequest,
     is_multi_rank,
 )
 from moeconf.devices import DTYPES
@@ -31,7 +36,7 @@ from moeconf.harness.checks import CHECKS, CheckInput, Outcome, applicable_check
 from moeconf.harness.partition_checks import PARTITION_CHECKS, STEPS_CASE, steps_outcomes
 from moeconf.harness.status import Status, declared_verdict
 from moeconf.harness.steps import StepsReference, make_steps
-from moeconf.harness.validate import MalformedObservation, validate_observation
+from moeconf.harness.validate import MalformedObservation, describe, validate_observation, validate_steps
 from moeconf.harness.watchdog import CallTimeout, call_with_deadline
 from moeconf.reference import reference_forward, reference_gradients
 from moeconf.registry import ArchEntry, get_entry
@@ -75,6 +80,7 @@ class Selection:
     checks: tuple[str, ...] = tuple(CHECKS) + PARTITION_CHECKS
     seed: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
+    """Deadline of one backend call (a multi-rank session gets it once per case); 0 or inf: none."""
     program: str = field(default="moeconf", compare=False)
 
 
@@ -157,6 +163,11 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
 
 
+def _evidence_check(checks: list[str]) -> str:
+    """The one record of a case that carries long evidence (stacks); the others get one line."""
+    return "no_hang" if "no_hang" in checks else (checks[0] if checks else "")
+
+
 def _raised_records(
     sel: Selection,
     entry: ArchEntry,
@@ -165,31 +176,53 @@ def _raised_records(
     case: Case,
     checks: list[str],
     exc: BaseException,
+    during: str = "backend",
 ) -> list[CheckResult]:
-    """Records of a backend call that did not produce an observation.
+    """Records of a backend call (``during``: ``"backend"`` for run/run_session, ``"supports()"``)
+    that did not produce an observation.
 
     - ``RankFailure`` (ranks hung or died): ``fail``; every rank's evidence once, on ``no_hang`` (or
       the first check when the case has none), a one-line summary on the others.
-    - ``EnvironmentFault``: ``setup``; ``CallTimeout``: ``error`` with the stack where it was stuck;
-      anything else the backend raised (``SystemExit`` included): ``error``.
+    - ``EnvironmentFault``: ``setup``; ``CallTimeout``: ``error``, the stack where it was stuck once
+      (as above); anything else the backend raised (``SystemExit`` included): ``error``.
     """
+    evidence = _evidence_check(checks)
     if isinstance(exc, RankFailure):
-        evidence = "no_hang" if "no_hang" in checks else (checks[0] if checks else "")
         summary = Outcome(False, message=exc.summary)
-        full = Outcome(False, message=f"{exc.summary}\n{exc.detail}")
+        full = Outcome(False, message=f"{exc.summary}\n{exc.detail}".rstrip())
         return _records(sel, entry, name, dtype, case, checks, lambda c: full if c == evidence else summary)
+    stack = ""
     if isinstance(exc, EnvironmentFault):
         status: Status = "setup"
         message = f"environment: {exc}"
     elif isinstance(exc, CallTimeout):
         status = "error"
-        message = f"backend timed out: {exc} (--timeout); it was at:\n{exc.stack.rstrip()}"
+        fate = "stopped" if exc.stopped else "left running in the background (blocked in native code or importing)"
+        message = f"{during} timed out: {exc} (--timeout); {fate}"
+        stack = f"; it was at:\n{exc.stack.rstrip()}"
     elif isinstance(exc, MalformedObservation):
         status, message = "error", f"malformed observation: {exc}"
     elif isinstance(exc, CaseError):
         status, message = "error", f"inputs: {exc}"
     else:
-        status, message = "error", f"backend raised {_one_line(exc)}"
+        status, message = "error", f"{during} raised {_one_line(exc)}"
+    one_line = Outcome(None, message=f"{message} (stack on the {evidence} record)" if stack else message)
+    full = Outcome(None, message=message + stack)
+    return _records(
+        sel, entry, name, dtype, case, checks, lambda c: full if c == evidence else one_line, lambda _c: status
+    )
+
+
+def _fixed_records(
+    sel: Selection,
+    entry: ArchEntry,
+    name: str,
+    dtype: str,
+    case: Case,
+    checks: list[str],
+    status: Status,
+    message: str,
+) -> list[CheckResult]:
     return _records(sel, entry, name, dtype, case, checks, lambda _c: Outcome(None, message=message), lambda _c: status)
 
 
@@ -211,7 +244,7 @@ def _as_records(
     for check in checks:
         try:
             outcomes[check] = CHECKS[check](ci)
-        except Exception as exc:  # a form the validation did not foresee: the observation's fault
+        except Exception as exc:  # noqa: BLE001 - a form the validation did not foresee: the observation's fault
             unreadable.add(check)
             outcomes[check] = Outcome(
                 None, message=f"malformed observation: {check} could not read it: {_one_line(exc)}"
@@ -227,16 +260,16 @@ def _steps_records(
     name: str,
     dtype: str,
     steps_ref: StepsReference | None,
-    result: StepsObservation | BaseException | None,
+    result: StepsObservation | BaseException,
 ) -> list[CheckResult]:
     checks = [c for c in PARTITION_CHECKS if c in sel.checks]
     case = Case(STEPS_CASE, 1, 1, "none", "adversarial multi-step routing")
     if isinstance(result, BaseException):
         return _raised_records(sel, entry, name, dtype, case, checks, result)
-    assert result is not None and steps_ref is not None
+    assert steps_ref is not None  # the engine computes it whenever it asks for steps
     try:
         outcomes = steps_outcomes(steps_ref, result, dtype)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - as in _as_records: a form the validation did not foresee
         return _raised_records(sel, entry, name, dtype, case, checks, MalformedObservation(_one_line(exc)))
     return _records(sel, entry, name, dtype, case, checks, lambda c: outcomes[c])
 
@@ -249,6 +282,47 @@ def _call(sel: Selection, fn: Callable[[], object], cases: int = 1) -> object:
         raise
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a backend is its error, not ours
         return exc
+
+
+def _private(request: RunRequest) -> RunRequest:
+    """The request with its own copies of the tensors.
+
+    NOTE: every backend of an (arch, case) gets the same canonical inputs; a backend that writes into
+    them (an in-place cast, an optimizer step on the loaded params) or a timed-out call still running
+    in the background must not change what the next backend is judged on.
+    """
+    return dataclasses.replace(
+        request,
+        params={k: v.clone() for k, v in request.params.items()},
+        hidden=request.hidden.clone(),
+        attention_mask=request.attention_mask.clone(),
+        grad_output=request.grad_output.clone(),
+    )
+
+
+def _session_results(
+    outcome: object, prepared: list[tuple[Case, RunRequest]], steps_request: StepsRequest | None
+) -> tuple[list[Observation | BaseException], StepsObservation | BaseException | None]:
+    """Per-case results and the steps result of ``run_session``'s return value, its form checked:
+    a wrong count would silently drop (or misattribute) cases, so it errors every record."""
+    if isinstance(outcome, BaseException):
+        return [outcome] * len(prepared), outcome
+    try:
+        if not isinstance(outcome, tuple | list) or len(outcome) != 2:
+            raise MalformedObservation(
+                f"run_session() returned {describe(outcome)}, expected (observations, steps observation)"
+            )
+        observations, steps = outcome
+        if not isinstance(observations, list | tuple) or len(observations) != len(prepared):
+            raise MalformedObservation(
+                f"run_session() returned {describe(observations)} as observations, expected a list of "
+                f"{len(prepared)} (one per case, in order)"
+            )
+    except MalformedObservation as exc:
+        return [exc] * len(prepared), exc
+    results = [_validated(obs, req) for obs, (_, req) in zip(observations, prepared)]
+    steps_result = None if steps_request is None else _validated_steps(steps, steps_request)
+    return results, steps_result
 
 
 def _session_records(
@@ -273,17 +347,33 @@ def _session_records(
     except CaseError as exc:  # unusable adversarial inputs: a spec/case mismatch fails the launch
         results, steps_result = [exc] * len(prepared), exc
     else:
-        requests = [req for _, req in prepared]
+        requests = [_private(req) for _, req in prepared]
         outcome = _call(sel, lambda: backend.run_session(requests, steps_request), len(prepared) + 1)
-        if isinstance(outcome, BaseException):
-            results, steps_result = [outcome] * len(prepared), outcome
-        else:
-            observations, steps_result = outcome  # type: ignore[misc]
-            results = [_validated(obs, req) for obs, (_, req) in zip(observations, prepared)]
+        results, steps_result = _session_results(outcome, prepared, steps_request)
+        results = _evidence_once(results, steps_result if want_steps else None)
     for (case, _), result in zip(prepared, results):
         yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
     if want_steps:
+        assert steps_result is not None  # set whenever steps were asked for
         yield _steps_records(sel, entry, name, dtype, steps_ref, steps_result)
+
+
+def _evidence_once(
+    results: list[Observation | BaseException], steps_result: object
+) -> list[Observation | BaseException]:
+    """One launch failed as a whole: its evidence (every rank's stack) goes on one record only — the
+    steps' ``no_hang`` when the steps ran, else the first case's — the other cases say one line."""
+    first = next((i for i, r in enumerate(results) if isinstance(r, RankFailure)), None)
+    if first is None:
+        return results
+    where = "the adversarial_steps no_hang record" if steps_result is not None else "the first case's record"
+    keep = None if steps_result is not None else first
+    return [
+        r
+        if not isinstance(r, RankFailure) or i == keep
+        else RankFailure(r.kind, f"{r.summary} (every rank's evidence on {where})", "", r.run_id)
+        for i, r in enumerate(results)
+    ]
 
 
 def _validated(obs: object, request: RunRequest) -> Observation | BaseException:
@@ -291,6 +381,45 @@ def _validated(obs: object, request: RunRequest) -> Observation | BaseException:
         return validate_observation(obs, request)
     except MalformedObservation as exc:
         return exc
+    except Exception as exc:  # noqa: BLE001 - validation could not even read it (a tensor subclass, ...)
+        return MalformedObservation(f"unreadable: {_one_line(exc)}")
+
+
+def _validated_steps(obs: object, request: StepsRequest) -> StepsObservation | BaseException:
+    try:
+        return validate_steps(obs, request)
+    except MalformedObservation as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - as in _validated
+        return MalformedObservation(f"steps unreadable: {_one_line(exc)}")
+
+
+def _support(
+    sel: Selection, backend: Backend, name: str, entry: ArchEntry, dtype: str
+) -> tuple[Status, str] | BaseException | None:
+    """None when ``backend`` runs (entry, dtype); else the status and message of every record
+    (``skip`` with its reason), or what ``supports()`` raised.
+
+    NOTE: ``supports()`` is the backend's code too: it runs under the same deadline as ``run()``,
+    and whatever it raises or returns outside its contract is an ``error``, not a crash of the run.
+    """
+    try:
+        dtypes = backend.dtypes
+    except Exception as exc:  # noqa: BLE001 - a property of the backend's own that raised
+        dtypes = exc
+    if not isinstance(dtypes, tuple | list | set | frozenset) or not all(isinstance(d, str) for d in dtypes):
+        got = _one_line(dtypes) if isinstance(dtypes, BaseException) else describe(dtypes)
+        return "error", f"backend.dtypes: expected a tuple of dtype names such as ('fp32', 'bf16'), got {got}"
+    if dtype not in dtypes:
+        return "skip", f"{name} does not run {dtype}"
+    answer = _call(sel, lambda: backend.supports(entry, dtype, sel.device))
+    if isinstance(answer, BaseException):
+        return answer
+    if answer is None:
+        return None
+    if not isinstance(answer, str):
+        return "error", f"supports() returned {describe(answer)}, expected None or a one-line reason (str)"
+    return "skip", answer.strip() or f"{name} does not support this (supports() gave no reason)"
 
 
 def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dtype: str) -> Iterator[list[CheckResult]]:
@@ -325,18 +454,27 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
         return lambda obs: CheckInput(entry.spec, reference, ref_grads, obs, dtype)
 
     for name, backend in backends.items():
-        reason = (
-            backend.supports(entry, dtype, sel.device) if dtype in backend.dtypes else f"{name} does not run {dtype}"
-        )
-        if reason is not None:
+        support = _support(sel, backend, name, entry, dtype)
+        if isinstance(support, BaseException):
             for case, _ in prepared:
-                yield _records(sel, entry, name, dtype, case, checks, lambda _c, r=reason: Outcome(None, message=r))
+                yield _raised_records(sel, entry, name, dtype, case, checks, support, during="supports()")
+            continue
+        if support is not None:
+            status, message = support
+            for case, _ in prepared:
+                if status == "skip":  # judged like any unobservable check (a declared skip keeps its reason)
+                    yield _records(
+                        sel, entry, name, dtype, case, checks, lambda _c, m=message: Outcome(None, message=m)
+                    )
+                else:
+                    yield _fixed_records(sel, entry, name, dtype, case, checks, status, message)
             continue
         if is_multi_rank(backend):
             yield from _session_records(sel, entry, name, backend, dtype, checks, prepared, check_input)  # type: ignore[arg-type]
             continue
         for case, request in prepared:
-            outcome = _call(sel, lambda request=request: backend.run(request))  # type: ignore[misc]
+            private = _private(request)
+            outcome = _call(sel, lambda run=backend.run, private=private: run(private))  # type: ignore[misc]
             result = outcome if isinstance(outcome, BaseException) else _validated(outcome, request)
             yield _as_records(sel, entry, name, dtype, case, checks, result, check_input(case))
 

@@ -1,24 +1,52 @@
-"""Reports of check records: a text table, JSON and JUnit XML; files are written whole or not at all."""
+"""Reports of check records: a text summary, JSON and JUnit XML; files are written whole or not at all.
+
+The JSON and JUnit reports keep every record with its full message (every rank's evidence of a
+multi-rank failure included). The text report is for a person: a table, then one entry per root
+cause (records whose status and first message line agree) with a repro per distinct
+(arch, backend, dtype, device, case), multi-line evidence cut to the first failing rank's section,
+skip reasons with counts, and the records the environment kept from being judged.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import tempfile
+import secrets
+import shlex
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from moeconf.harness.engine import CheckResult
-from moeconf.harness.status import FAILING, SEVERITY, STATUSES
+from moeconf.harness.status import ENVIRONMENT, FAILING, SEVERITY, STATUSES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EVIDENCE_LINES = 60
+"""Most lines of one cause's multi-line evidence in the text report (JSON/JUnit keep all of it)."""
+REPROS_PER_CAUSE = 8
+"""Most repro lines under one cause in the text report (every record's repro is in JSON/JUnit)."""
+FULL_EVIDENCE_NOTE = "full evidence for every rank: rerun with --output r.json"
+
+
+def exit_status(records: Sequence[CheckResult]) -> int:
+    """The exit rule of ``moeconf.harness.status``: 1 when any record blames the code under test
+    (fail/error); else 2 when the environment kept a record from being judged (setup) or nothing was
+    checked at all (no record, or every record skipped); else 0."""
+    if any(r.status in FAILING for r in records):
+        return EXIT_FAILED
+    if any(r.status in ENVIRONMENT for r in records) or all(r.status == "skip" for r in records):
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 def summary(records: Sequence[CheckResult], wall_s: float | None = None) -> dict[str, object]:
     counts = Counter(r.status for r in records)
     out: dict[str, object] = {s: counts.get(s, 0) for s in STATUSES}
     out["total"] = len(records)
-    out["ok"] = not any(r.status in FAILING for r in records)
+    out["ok"] = exit_status(records) == EXIT_OK
     if wall_s is not None:
         out["wall_s"] = round(wall_s, 2)
     return out
@@ -33,7 +61,7 @@ def _err(value: float | None) -> str:
 
 
 def progress_line(group: Sequence[CheckResult]) -> str:
-    """One line per (arch, backend, dtype, case) while the run goes on."""
+    """One line per (arch, backend, dtype, case) when the case has ended."""
     first = group[0]
     counts = Counter(r.status for r in group)
     verdict = " ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s))
@@ -42,34 +70,171 @@ def progress_line(group: Sequence[CheckResult]) -> str:
     return f"{first.arch:<14} {first.backend:<15} {first.dtype:<5} {first.device:<4} {first.case:<13} {verdict}{tail}"
 
 
-def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
-    """A table per (arch, backend, dtype, device) × check (worst status over cases), then failures with repros."""
-    order = SEVERITY
+def start_line(arch: str, backend: str, dtype: str, device: str) -> str:
+    """The line printed before an (arch, backend, dtype) starts: a stuck run names what it is stuck in."""
+    return f"{arch:<14} {backend:<15} {dtype:<5} {device:<4} ..."
+
+
+# --- text report -------------------------------------------------------------------------------
+
+
+def _table(records: Sequence[CheckResult]) -> list[str]:
+    """Rows (arch, backend, dtype, device) × columns check: the worst status over the cases."""
     table: dict[tuple[str, str, str, str], dict[str, CheckResult]] = {}
     for r in records:
         row = table.setdefault((r.arch, r.backend, r.dtype, r.device), {})
-        if r.check not in row or order[r.status] < order[row[r.check].status]:
+        if r.check not in row or SEVERITY[r.status] < SEVERITY[row[r.check].status]:
             row[r.check] = r
     checks = list(dict.fromkeys(r.check for r in records))
-    abbreviations = {
-        c: c.replace("grad_", "g_").replace("routing_weights", "weights").replace("shared_experts", "shared")
+    header = ["arch", "backend", "dtype", "dev"] + [
+        c.replace("grad_", "g_").replace("routing_weights", "weights").replace("shared_experts", "shared")
         for c in checks
-    }
-    lines = [
-        f"{'arch':<14} {'backend':<15} {'dtype':<5} {'dev':<4} " + " ".join(f"{abbreviations[c]:<9}" for c in checks)
     ]
-    for (arch, backend, dtype, device), row in table.items():
-        cells = " ".join(f"{(row[c].status if c in row else ''):<9}" for c in checks)
-        lines.append(f"{arch:<14} {backend:<15} {dtype:<5} {device:<4} {cells}")
+    rows = [[*key, *(row[c].status if c in row else "" for c in checks)] for key, row in table.items()]
+    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
+    return [" ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in [header, *rows]]
+
+
+@dataclass
+class _Cause:
+    """Records whose status and first message line agree: one root cause in the text report."""
+
+    status: str
+    headline: str
+    records: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def evidence(self) -> str:
+        """The first multi-line message of the cause (a rank report, a stuck call's stack)."""
+        return next((r.message for r in self.records if "\n" in r.message), "")
+
+
+def _causes(records: Iterable[CheckResult]) -> list[_Cause]:
+    causes: dict[tuple[str, str], _Cause] = {}
+    for r in records:
+        headline = r.message.strip().splitlines()[0] if r.message.strip() else "(no message)"
+        causes.setdefault((r.status, headline), _Cause(r.status, headline)).records.append(r)
+    return list(causes.values())
+
+
+CaseKey = tuple[str, str, str, str, str]
+"""(arch, backend, dtype, device, case): what one repro command reruns."""
+
+
+def _case_key(r: CheckResult) -> CaseKey:
+    return (r.arch, r.backend, r.dtype, r.device, r.case)
+
+
+def _repro_for_checks(repro: str, checks: Sequence[str] | None) -> str:
+    """``repro`` (which reruns one record) rewritten to rerun ``checks`` of the same case, or the
+    whole case when ``checks`` is None."""
+    argv = shlex.split(repro)
+    if "--check" not in argv or (checks is not None and len(checks) == 1):
+        return repro
+    at = argv.index("--check")
+    return shlex.join([*argv[:at], *(["--check", *checks] if checks else []), *argv[at + 2 :]])
+
+
+def _repro_lines(cause: _Cause, case_checks: dict[CaseKey, set[str]]) -> list[str]:
+    """One repro per distinct (arch, backend, dtype, device, case) of the cause, at most a few;
+    without ``--check`` where the cause is every record of that case in the report."""
+    by_case: dict[CaseKey, list[str]] = {}
+    first: dict[CaseKey, CheckResult] = {}
+    for r in cause.records:
+        by_case.setdefault(_case_key(r), []).append(r.check)
+        first.setdefault(_case_key(r), r)
+    lines = []
+    for key, checks in list(by_case.items())[:REPROS_PER_CAUSE]:
+        whole_case = len(checks) > 1 and set(checks) == case_checks.get(key)
+        lines.append(f"  repro: {_repro_for_checks(first[key].repro, None if whole_case else checks)}")
+    if len(by_case) > REPROS_PER_CAUSE:
+        lines.append(f"  ... and {len(by_case) - REPROS_PER_CAUSE} more cases (every record's repro: --output r.json)")
+    return lines
+
+
+def _rank_sections(lines: list[str]) -> tuple[list[str], list[list[str]]]:
+    """A launcher report's preamble and its ``--- rank N: ...`` sections."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("--- rank ")]
+    if not starts:
+        return lines, []
+    bounds = [*starts, len(lines)]
+    return lines[: starts[0]], [lines[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _first_failing(sections: list[list[str]], preamble: list[str], headline: str) -> list[str]:
+    """The section of the rank that failed first (named by the launcher), else the first one that
+    did not exit cleanly, else the first."""
+    named = [line.split("rank ", 1)[1].split()[0] for line in [*preamble, headline] if "failed first" in line]
+    for section in sections:
+        if named and section[0].startswith(f"--- rank {named[0]}:"):
+            return section
+    return next((s for s in sections if not s[0].endswith("exit code 0")), sections[0])
+
+
+def evidence_excerpt(message: str, max_lines: int = EVIDENCE_LINES) -> list[str]:
+    """The lines after a multi-line message's first line, cut for a person to read: a multi-rank
+    report keeps its preamble and the first failing rank's section; at most ``max_lines`` lines,
+    then a note saying what was left out."""
+    lines = message.rstrip().splitlines()[1:]
+    if not lines:
+        return []
+    preamble, sections = _rank_sections(lines)
+    shown = [*preamble, *_first_failing(sections, preamble, message.splitlines()[0])] if sections else lines
+    cut = shown[:max_lines]
+    left_out = len(lines) - len(cut)
+    if left_out:
+        others = f", {len(sections) - 1} other rank(s)" if len(sections) > 1 else ""
+        note = FULL_EVIDENCE_NOTE if sections else "full message: rerun with --output r.json"
+        cut.append(f"({left_out} more lines{others}; {note})")
+    return cut
+
+
+def _cause_lines(cause: _Cause, case_checks: dict[CaseKey, set[str]]) -> list[str]:
+    first = cause.records[0]
+    if len(cause.records) == 1:
+        head = (
+            f"- {cause.status.upper()} {first.arch} {first.backend} {first.dtype} {first.device} "
+            f"case={first.case} check={first.check}: {cause.headline}"
+        )
+        if first.max_abs_err is not None:
+            head += f" (max_abs_err={_err(first.max_abs_err)}, atol={first.atol}, rtol={first.rtol})"
+    else:
+        checks = list(dict.fromkeys(r.check for r in cause.records))
+        head = f"- {cause.status.upper()} in {len(cause.records)} records ({len(checks)} checks): {cause.headline}"
+    evidence = ["    " + line for line in evidence_excerpt(cause.evidence)]
+    return [head, *evidence, *_repro_lines(cause, case_checks)]
+
+
+def _skip_lines(skipped: Sequence[CheckResult]) -> list[str]:
+    """One line per distinct skip reason, with its count and the backends it concerns."""
+    lines = []
+    for cause in _causes(skipped):
+        backends = list(dict.fromkeys(r.backend for r in cause.records))
+        scope = ", ".join(backends[:3]) + (f" +{len(backends) - 3}" if len(backends) > 3 else "")
+        lines.append(f"- {len(cause.records)} records ({scope}): {cause.headline}")
+    return lines
+
+
+def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
+    """The table, then failing causes with repros, environment faults, skips, warnings, xfails."""
+    lines = _table(records)
+    case_checks: dict[CaseKey, set[str]] = {}
+    for r in records:
+        case_checks.setdefault(_case_key(r), set()).add(r.check)
     bad = [r for r in records if r.status in FAILING]
     if bad:
-        lines += ["", f"{len(bad)} failing record(s):"]
-        for r in bad:
-            lines.append(
-                f"- {r.status.upper()} {r.arch} {r.backend} {r.dtype} {r.device} case={r.case} check={r.check}: "
-                f"{r.message} (max_abs_err={_err(r.max_abs_err)}, atol={r.atol}, rtol={r.rtol})"
-            )
-            lines.append(f"  repro: {r.repro}")
+        causes = _causes(bad)
+        lines += ["", f"{len(bad)} failing record(s), {len(causes)} distinct cause(s):"]
+        for cause in causes:
+            lines += _cause_lines(cause, case_checks)
+    environment = [r for r in records if r.status in ENVIRONMENT]
+    if environment:
+        lines += ["", f"{len(environment)} record(s) not judged: the environment failed, not the code under test:"]
+        for cause in _causes(environment):
+            lines += _cause_lines(cause, case_checks)
+    skipped = [r for r in records if r.status == "skip"]
+    if skipped:
+        lines += ["", f"{len(skipped)} skipped record(s):", *_skip_lines(skipped)]
     warnings = [r for r in records if r.status == "pass" and r.message.startswith("WARNING:")]
     if warnings:
         lines += ["", "warnings:"] + [f"- {r.arch} {r.check}: {r.message[len('WARNING:') :].strip()}" for r in warnings]
@@ -82,15 +247,32 @@ def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def environment_summary(records: Sequence[CheckResult]) -> str | None:
+    """One line for stderr when the environment kept records from being judged, else None."""
+    causes = _causes(r for r in records if r.status in ENVIRONMENT)
+    if not causes:
+        return None
+    count = sum(len(c.records) for c in causes)
+    more = f"; {len(causes) - 1} other cause(s) in the report" if len(causes) > 1 else ""
+    headline = causes[0].headline.removeprefix("environment:").strip()
+    return f"environment: {headline} ({count} record(s) not judged: fix the machine, not the code under test{more})"
+
+
+# --- JUnit -------------------------------------------------------------------------------------
+
+
 def to_junit(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
-    """JUnit XML: one testcase per record, classname ``arch.backend.dtype.device``, name ``case::check``."""
+    """JUnit XML: one testcase per record, classname ``arch.backend.dtype.device``, name ``case::check``.
+
+    A ``setup`` record is an ``<error type="environment">``: it must not show green, and the type
+    tells a CI dashboard that the machine, not the code, is at fault."""
     s = summary(records, wall_s)
     suite = ET.Element(
         "testsuite",
         name="moeconf",
         tests=str(len(records)),
         failures=str(s["fail"]),
-        errors=str(s["error"]),
+        errors=str(int(s["error"]) + int(s["setup"])),  # type: ignore[call-overload]
         skipped=str(s["skip"]),
         time=str(s.get("wall_s", 0)),
     )
@@ -99,10 +281,13 @@ def to_junit(records: Sequence[CheckResult], wall_s: float | None = None) -> str
             suite, "testcase", classname=f"{r.arch}.{r.backend}.{r.dtype}.{r.device}", name=f"{r.case}::{r.check}"
         )
         detail = f"{r.message}\nmax_abs_err={_err(r.max_abs_err)} atol={r.atol} rtol={r.rtol}\nrepro: {r.repro}"
+        headline = r.message.strip().splitlines()[0] if r.message.strip() else ""
         if r.status == "fail":
-            ET.SubElement(case, "failure", message=r.message or "check failed").text = detail
+            ET.SubElement(case, "failure", message=headline or "check failed").text = detail
         elif r.status == "error":
-            ET.SubElement(case, "error", message=r.message or "backend error").text = detail
+            ET.SubElement(case, "error", message=headline or "backend error").text = detail
+        elif r.status == "setup":
+            ET.SubElement(case, "error", type="environment", message=headline or "environment").text = detail
         elif r.status == "skip":
             ET.SubElement(case, "skipped", message=r.message)
         elif r.status == "xfail":
@@ -113,16 +298,61 @@ def to_junit(records: Sequence[CheckResult], wall_s: float | None = None) -> str
 RENDERERS = {"text": to_text, "json": to_json, "junit": to_junit}
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temp file beside ``path`` and rename: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+# --- report files ------------------------------------------------------------------------------
+
+
+class ReportPathError(ValueError):
+    """``--output`` names a place where no report can be written (a usage error, found up front)."""
+
+
+def check_report_path(path: Path) -> Path:
+    """The file a report for ``path`` will replace, checked *before* any work: its directory exists,
+    is a directory and lets us create a file in it (tried, not guessed from permission bits, which
+    say nothing for root or read-only file systems); ``path`` is not a directory or device.
+    A symlink is followed, so the report lands where the link points. Leaves nothing behind."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    parent = target.parent
+    if not parent.exists():
+        raise ReportPathError(f"cannot write the report to {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ReportPathError(f"cannot write the report to {path}: {parent} is not a directory")
+    if target.exists() and not target.is_file():
+        raise ReportPathError(f"cannot write the report to {path}: it exists and is not a regular file")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        fd, probe = _create_beside(target)
+    except OSError as exc:
+        raise ReportPathError(f"cannot write the report to {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty, hidden file in ``path``'s directory, opened for writing.
+
+    NOTE: not ``tempfile.mkstemp``: it creates files 0600, and the report would keep that mode after
+    the rename. ``os.open(..., 0o666)`` lets the kernel apply the user's umask, as for any file they
+    create; ``O_EXCL`` with a random name gives mkstemp's safety."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Write to a temp file beside ``path`` and rename it over ``path``: a reader sees the old
+    report or the whole new one, never half. The file gets the mode of any new file of the user's
+    (0666 minus the umask). The directory must exist (``check_report_path`` says so up front)."""
+    fd, tmp = _create_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

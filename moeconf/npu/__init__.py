@@ -1,16 +1,24 @@
 """Pure-torch emulator of the torch_npu MoE ops, so NPU MoE code runs unchanged on a CPU.
 
 ``emulator`` implements ``npu_moe_token_permute``, ``npu_moe_token_unpermute``, ``npu_grouped_matmul`` and
-``npu_swiglu`` with torch_npu's signatures, semantics and rejections (shared/notes/torch-npu-moe-ops.md);
+``npu_swiglu`` with torch_npu's signatures, semantics and rejections (docs/torch-npu-ops.md), under the rules of a
+selectable torch_npu release (``torch_npu_rules``, ``current_rules``; default: the newest documented release);
 ``fake_torch_npu`` installs them as the ``torch_npu`` module (context manager, pytest fixture, ``get_torch_npu``).
 """
 
 from moeconf.npu.emulator import (
+    DEFAULT_RULES,
+    RULES,
+    RULES_ENV,
+    TorchNpuRules,
+    current_rules,
     grouped_matmul_autograd,
     npu_grouped_matmul,
     npu_moe_token_permute,
     npu_moe_token_unpermute,
     npu_swiglu,
+    resolve_rules,
+    torch_npu_rules,
 )
 
 _FAKE_MODULE_NAMES = ("emulated_torch_npu", "emulator_module", "get_torch_npu", "is_emulator")
@@ -26,6 +34,11 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DEFAULT_RULES",
+    "RULES",
+    "RULES_ENV",
+    "TorchNpuRules",
+    "current_rules",
     "emulated_torch_npu",
     "emulator_module",
     "get_torch_npu",
@@ -35,4 +48,6 @@ __all__ = [
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
     "npu_swiglu",
+    "resolve_rules",
+    "torch_npu_rules",
 ]

@@ -1,28 +1,36 @@
 """Pure-torch emulator of the torch_npu MoE ops (``npu_moe_token_permute``, ``npu_moe_token_unpermute``,
 ``npu_grouped_matmul``, ``npu_swiglu``).
 
-The signatures match torch_npu, so NPU MoE code runs unchanged on a CPU (see ``fake_torch_npu``). The semantics
-follow ``shared/notes/torch-npu-moe-ops.md`` (op-plugin schema, derivatives.yaml, op tests); the section numbers
-below (§4.x) refer to that note.
+The signatures match torch_npu, so NPU MoE code runs unchanged on a CPU (see ``fake_torch_npu``). The semantics,
+shapes, dtypes, rejections and gradients are written up, op by op, in docs/torch-npu-ops.md (sections named after
+the ops); the comments below point there by op name.
 
-Emulator decisions where the note is silent (all documented at the function they affect):
+Emulator decisions where torch_npu's own documentation is silent or inconsistent (each documented at the function
+it affects):
 
 - Arithmetic runs in fp32 and is cast back to the input dtype, the way the NPU kernels accumulate low-precision
-  inputs. Accepted float dtypes are fp16, bf16 and fp32 for every op (the permute doc says bf16 only; §4.5 asks for
-  fp16/fp32 coverage, so the emulator accepts all three).
+  inputs. ``npu_moe_token_permute``/``unpermute`` and ``npu_swiglu`` accept fp16, bf16 and fp32 (the CANN
+  ``aclnnMoeTokenPermute`` reference lists all three; one torch_npu docstring says bf16 only).
+- ``npu_grouped_matmul``'s accepted float dtypes depend on the torch_npu release: see ``TorchNpuRules`` and
+  docs/torch-npu-ops.md, 'Release rules'. The default is the newest documented release, so a framework is never
+  flagged for a call its torch_npu accepts.
 - Dropped slots: when ``num_out_tokens`` keeps fewer than ``T*K`` rows, ``sorted_indices`` stays the full inverse
   permutation, so the dropped slots point at rows ``>= num_out_tokens``. Every op treats such an entry as "absent":
   it contributes zero to the unpermute output, to ``grad_probs`` and to the permute gradient.
-- ``npu_grouped_matmul`` has no autograd (§4.3): its outputs carry a grad_fn whose backward raises ``RuntimeError``,
-  so a missing wrapper fails loudly instead of silently dropping gradients. ``grouped_matmul_autograd`` is the
-  LLaMA-Factory-style wrapper.
+- ``npu_grouped_matmul`` has no autograd (torch_npu registers no derivative for it): its outputs carry a grad_fn
+  whose backward raises ``RuntimeError``, so a missing wrapper fails loudly instead of silently dropping gradients.
+  ``grouped_matmul_autograd`` is the LLaMA-Factory-style wrapper.
 
 Every argument rejection is a one-line ``ValueError`` of the form ``"<op>(): '<argument>' <reason>"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from types import ModuleType
 from typing import Any, NoReturn
@@ -32,22 +40,128 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_RULES",
     "MAX_GROUPS",
     "MAX_INDEX",
     "MAX_INNER_DIM",
     "MAX_TOPK",
+    "RULES",
+    "RULES_ENV",
+    "TorchNpuRules",
+    "current_rules",
     "grouped_matmul_autograd",
     "npu_grouped_matmul",
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
     "npu_swiglu",
+    "resolve_rules",
+    "torch_npu_rules",
 ]
 
-MAX_TOPK = 512  # §4.1: topK <= 512
-MAX_INDEX = 16_777_215  # §4.1: numel and expert ids must be below this (the kernel sorts as float)
-MAX_GROUPS = 1024  # §4.3: at most 1024 groups for the single-tensor form
-MAX_MULTI_TENSORS = 128  # §4.3: at most 128 tensors for the multi-tensor forms
-MAX_INNER_DIM = 65_536  # §4.3: the inner (contiguous) dim of each tensor must be < 65536
+# Limits: docs/torch-npu-ops.md, 'npu_moe_token_permute' and 'npu_grouped_matmul'.
+MAX_TOPK = 512  # top-k (indices.size(1) / probs.size(1)) <= 512
+MAX_INDEX = 16_777_215  # numel and expert ids must be below this (the kernel sorts them as float)
+MAX_GROUPS = 1024  # at most 1024 groups for the single-tensor grouped form
+MAX_MULTI_TENSORS = 128  # at most 128 tensors in the multi-tensor (list) forms
+MAX_INNER_DIM = 65_536  # the inner (contiguous) dim of each grouped-matmul tensor must be < 65536
+
+# --------------------------------------------------------------------------------------------------------------------
+# release rules (docs/torch-npu-ops.md, 'Release rules')
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TorchNpuRules:
+    """What one torch_npu release accepts where releases differ.
+
+    Attributes:
+        version: the Ascend Extension for PyTorch release (``"6.0"``, ``"7.0"``), not the torch_npu wheel version.
+        gmm_dtypes: float dtypes ``npu_grouped_matmul`` accepts for ``x`` and ``weight`` (int8 is not emulated).
+        source: where the rule is documented.
+    """
+
+    version: str
+    gmm_dtypes: tuple[torch.dtype, ...]
+    source: str
+
+
+RULES: dict[str, TorchNpuRules] = {
+    "6.0": TorchNpuRules(
+        "6.0",
+        (torch.float16, torch.bfloat16),
+        "torch_npu 6.0.0 API reference, npu_grouped_matmul: x and weight float16, bfloat16 or int8",
+    ),
+    "7.0": TorchNpuRules(
+        "7.0",
+        (torch.float16, torch.bfloat16, torch.float32),
+        "torch_npu 7.0.0 API reference, npu_grouped_matmul: x float16, float32, bfloat16 or int8 on Atlas A2/A3 "
+        "(float32 only when x, weight and y are single tensors)",
+    ),
+}
+"""Documented rule sets, by release. A requested release uses the newest rule set not newer than it."""
+
+DEFAULT_RULES = "7.0"
+"""The newest documented rules: what the emulator enforces unless told otherwise."""
+
+RULES_ENV = "MOECONF_TORCH_NPU_RULES"
+"""Environment variable that selects the rules (e.g. ``6.0``) when no ``torch_npu_rules()`` block is active."""
+
+_VERSION = re.compile(r"^v?(\d+)(?:\.(\d+))?")
+_active_rules: list[TorchNpuRules] = []
+
+
+def _version_key(version: str) -> tuple[int, int]:
+    match = _VERSION.match(version.strip().lower())
+    if match is None:
+        raise ValueError(f"torch_npu release {version!r} is not a version such as '6.0' or '7.0.0'")
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def resolve_rules(version: str | TorchNpuRules | None = None) -> TorchNpuRules:
+    """The rules for a torch_npu release: ``"6.0"``, ``"6.0.0"``, ``"6.0.rc3"``, ``"7.0"``, ``"7.1.0"`` ...
+
+    A release uses the newest documented rule set not newer than it (``"7.1"`` gets the 7.0 rules); a release older
+    than every documented one raises ``ValueError``. ``None`` means the current rules (``current_rules()``).
+    """
+    if isinstance(version, TorchNpuRules):
+        return version
+    if version is None:
+        return current_rules()
+    wanted = _version_key(str(version))
+    known = sorted(RULES.values(), key=lambda r: _version_key(r.version))
+    usable = [r for r in known if _version_key(r.version) <= wanted]
+    if not usable:
+        raise ValueError(f"no documented torch_npu rules for release {version!r}; known releases: {', '.join(RULES)}")
+    return usable[-1]
+
+
+def current_rules() -> TorchNpuRules:
+    """The rules in force: the innermost ``torch_npu_rules()`` block, else ``$MOECONF_TORCH_NPU_RULES``, else the
+    newest documented rules (``DEFAULT_RULES``)."""
+    if _active_rules:
+        return _active_rules[-1]
+    requested = os.environ.get(RULES_ENV, "").strip()
+    if not requested:
+        return RULES[DEFAULT_RULES]
+    try:
+        return resolve_rules(requested)
+    except ValueError as exc:
+        raise ValueError(f"{RULES_ENV}={requested!r}: {exc}") from None
+
+
+@contextlib.contextmanager
+def torch_npu_rules(version: str | TorchNpuRules | None) -> Iterator[TorchNpuRules]:
+    """Enforce one release's rules inside the block (process-wide, like the ``torch_npu`` module entry); nests.
+
+    ``None`` keeps the rules already in force.
+    """
+    rules = resolve_rules(version)
+    _active_rules.append(rules)
+    try:
+        yield rules
+    finally:
+        _active_rules.pop()
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -86,7 +200,7 @@ def _check_int(op: str, arg: str, value: object) -> int:
 
 
 def _reject_padded(op: str, padded_mode: object) -> None:
-    # §4.1: "padded_mode: only False is supported".
+    # Only padded_mode=False is implemented by the op (docs/torch-npu-ops.md, 'npu_moe_token_permute').
     if padded_mode is not False:
         _fail(op, "padded_mode", f"only padded_mode=False is supported, got {padded_mode!r}")
 
@@ -101,7 +215,8 @@ def _min_max(t: Tensor) -> tuple[int, int]:
 
 
 def _resolve_num_out(num_out_tokens: int | None, total: int) -> int:
-    """§4.1 slice semantics: None/0 keep all, n > 0 keeps min(n, total), n < 0 keeps total + n (clamped at 0)."""
+    """``num_out_tokens`` slice semantics: None/0 keep all, n > 0 keeps min(n, total), n < 0 keeps total + n (clamped
+    at 0). See docs/torch-npu-ops.md, 'npu_moe_token_permute'."""
     if num_out_tokens is None or num_out_tokens == 0:
         return total
     if num_out_tokens > 0:
@@ -124,7 +239,7 @@ def _gather_kept(rows: Tensor, slots: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# npu_moe_token_permute (§4.1)
+# npu_moe_token_permute (docs/torch-npu-ops.md, 'npu_moe_token_permute')
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -172,7 +287,7 @@ def _check_permute_args(tokens: object, indices: object, num_out_tokens: object)
     # Size checks come before any data access so huge expanded views can be rejected cheaply.
     if indices.numel() >= MAX_INDEX:
         _fail(op, "indices", f"numel must be < {MAX_INDEX}, got {indices.numel()}")
-    indices_2d = indices if indices.dim() == 2 else indices.unsqueeze(1)  # §4.1: [T] means K=1
+    indices_2d = indices if indices.dim() == 2 else indices.unsqueeze(1)  # [T] means K=1
     if indices_2d.size(1) > MAX_TOPK:
         _fail(op, "indices", f"top-k must be <= {MAX_TOPK}, got {indices_2d.size(1)}")
     if indices_2d.size(0) != tokens.size(0):
@@ -216,7 +331,7 @@ def npu_moe_token_permute(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# npu_moe_token_unpermute (§4.2)
+# npu_moe_token_unpermute (docs/torch-npu-ops.md, 'npu_moe_token_unpermute')
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -232,7 +347,8 @@ class _TokenUnpermute(torch.autograd.Function):
         if probs is not None:
             gathered = gathered * probs.to(_ACC).unsqueeze(-1)
         out = gathered.sum(dim=1).to(permuted.dtype)
-        # §4.2: permuted_tokens is only needed for grad_probs, so it is not saved when probs is None.
+        # permuted_tokens is only needed for grad_probs, so it is not saved when probs is None (as op-plugin does on
+        # recent CANN; docs/torch-npu-ops.md, 'npu_moe_token_unpermute').
         saved = (sorted_indices,) if probs is None else (sorted_indices, probs, permuted)
         ctx.save_for_backward(*saved)
         ctx.has_probs = probs is not None
@@ -331,7 +447,7 @@ def npu_moe_token_unpermute(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# npu_grouped_matmul (§4.3)
+# npu_grouped_matmul (docs/torch-npu-ops.md, 'npu_grouped_matmul')
 # --------------------------------------------------------------------------------------------------------------------
 
 _GMM = "npu_grouped_matmul"
@@ -355,10 +471,13 @@ def _check_tensor_list(arg: str, value: object) -> list[Tensor]:
     return list(value)
 
 
-def _check_unsupported(kwargs: dict[str, Any]) -> None:
-    # Quantization, fused activation and tuning arguments are not emulated; their defaults are accepted.
+def _check_unsupported(kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    # Quantization, fused activation and tuning arguments are not emulated; their defaults are accepted: None, an
+    # empty tensor list (the older ``scale=[]`` call style), act_type=0, and output_dtype equal to x's dtype.
     for name, value in kwargs.items():
-        if value is None or (name == "act_type" and value == 0):
+        if value is None or (isinstance(value, (list, tuple)) and not value) or (name == "act_type" and value == 0):
+            continue
+        if name == "output_dtype" and value == dtype:
             continue
         _fail(_GMM, name, f"is not supported by the emulator (got {value!r}); only None/default is accepted")
 
@@ -428,7 +547,7 @@ def _check_single(x: list[Tensor], weight: list[Tensor]) -> None:
 
 
 def _check_bias_dtype(arg: str, bias: Tensor, dtype: torch.dtype) -> None:
-    # §4.3: bf16 matmuls take an fp32 bias; fp16/fp32 take a bias of their own dtype.
+    # bf16 matmuls take an fp32 bias; fp16/fp32 take a bias of their own dtype.
     expected = torch.float32 if dtype == torch.bfloat16 else dtype
     if bias.dtype != expected:
         _fail(_GMM, arg, f"dtype must be {expected} for {dtype} inputs, got {bias.dtype}")
@@ -486,6 +605,8 @@ def _gmm_ungrouped(
         _fail(_GMM, "weight", f"needs one weight per x (at most {MAX_MULTI_TENSORS}), got {len(x)} x and {len(weight)}")
     if len(x) > 1 and x[0].dtype == torch.float32:
         _fail(_GMM, "x", "float32 is only supported for the all-single-tensor form")
+    if bias is not None and len(bias) != len(weight):
+        _fail(_GMM, "bias", f"needs one bias per weight, got {len(bias)} for {len(weight)} weights")
     outputs = []
     for i, (xi, wi) in enumerate(zip(x, weight, strict=True)):
         if xi.dim() != 2 or wi.dim() != 2 or xi.size(1) != wi.size(0):
@@ -552,6 +673,20 @@ class _NoAutograd(torch.autograd.Function):
         )
 
 
+def _check_release_dtypes(rules: TorchNpuRules, x: list[Tensor], weight: list[Tensor]) -> None:
+    """Reject x/weight dtypes the selected torch_npu release does not list (docs/torch-npu-ops.md, 'Release rules')."""
+    allowed = ", ".join(str(d).removeprefix("torch.") for d in rules.gmm_dtypes)
+    for arg, tensors in (("x", x), ("weight", weight)):
+        for i, t in enumerate(tensors):
+            if t.dtype not in rules.gmm_dtypes:
+                _fail(
+                    _GMM,
+                    f"{arg}[{i}]",
+                    f"dtype {t.dtype} is not accepted by torch_npu {rules.version} (accepted: {allowed}); select the "
+                    f"release your framework runs with: emulated_torch_npu(version=...) or {RULES_ENV}",
+                )
+
+
 def npu_grouped_matmul(
     x: list[Tensor],
     weight: list[Tensor],
@@ -573,18 +708,22 @@ def npu_grouped_matmul(
     group_list: tensor [E] (int64/int32) or python list (cumulative only). group_list_type 0 = cumulative sums,
         1 = counts; it must cover exactly the grouped axis (M). split_item must be 2/3 for the grouped forms.
 
-    fp16/bf16 are computed in fp32 and cast back; bias is fp32 for bf16 inputs. Quantization / activation kwargs
-    are accepted only at their defaults. No autograd: outputs that would require grad raise on backward.
+    dtypes: x and weight share one float dtype, which the torch_npu release in force must accept
+    (``current_rules()``: fp16/bf16 under the 6.0 rules, fp16/bf16/fp32 under the 7.0 rules, float32 only for the
+    all-single-tensor forms). fp16/bf16 are computed in fp32 and cast back; bias is fp32 for bf16 inputs.
+    Quantization / activation kwargs are accepted only at their defaults. No autograd: outputs that would require
+    grad raise on backward.
     """
-    _check_unsupported(unsupported_kwargs)
     x = _check_tensor_list("x", x)
     weight = _check_tensor_list("weight", weight)
+    _check_unsupported(unsupported_kwargs, x[0].dtype)
+    _check_release_dtypes(current_rules(), x, weight)
     if any(t.dtype != x[0].dtype for t in [*x, *weight]):
         _fail(_GMM, "weight", f"x and weight must share one dtype, got {[t.dtype for t in [*x, *weight]]}")
     if bias is not None:
         if not isinstance(bias, (list, tuple)) or not all(isinstance(b, Tensor) for b in bias):
             _fail(_GMM, "bias", f"must be a list of tensors or None, got {type(bias).__name__}")
-        bias = list(bias)
+        bias = list(bias) or None  # bias=[] (the older call style) means no bias
     inputs = [*x, *weight, *(bias or [])]
 
     def compute() -> list[Tensor]:
@@ -596,7 +735,7 @@ def npu_grouped_matmul(
 
 
 class _GroupedMatmulFn(torch.autograd.Function):
-    """LLaMA-Factory ``GmmFunction`` (§4.3): y = gmm(x, w) with dx = gmm(dy, w^T) and dw = gmm_k(x^T, dy)."""
+    """LLaMA-Factory ``GmmFunction``: y = gmm(x, w) with dx = gmm(dy, w^T) and dw = gmm_k(x^T, dy)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, counts: Tensor, gmm: Callable[..., list[Tensor]]) -> Tensor:
@@ -639,7 +778,7 @@ def grouped_matmul_autograd(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# npu_swiglu (§4.4)
+# npu_swiglu (docs/torch-npu-ops.md, 'npu_swiglu')
 # --------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,9 @@
 """Let the emulator stand in for the ``torch_npu`` module, so ``import torch_npu`` code runs unchanged on a CPU.
 
-- ``emulated_torch_npu()``: context manager that installs the emulator as ``sys.modules["torch_npu"]`` and restores
-  the previous state on exit (a real torch_npu and its submodules, or nothing).
+- ``emulated_torch_npu(version=None)``: context manager that installs the emulator as ``sys.modules["torch_npu"]``
+  and restores the previous state on exit (a real torch_npu and its submodules, or nothing). ``version`` selects the
+  torch_npu release whose rules the ops enforce (``"6.0"``, ``"7.0"``; default: ``$MOECONF_TORCH_NPU_RULES``, else
+  the newest documented rules); see docs/torch-npu-ops.md, 'Release rules'.
 - ``torch_npu_emulator``: the same as a pytest fixture (``from moeconf.npu.fake_torch_npu import torch_npu_emulator``).
 - ``get_torch_npu(device)``: the real torch_npu for an NPU device when it imports, else the emulator module.
 """
@@ -67,17 +69,25 @@ def _torch_npu_entries() -> list[str]:
 
 
 @contextlib.contextmanager
-def emulated_torch_npu() -> Iterator[ModuleType]:
+def emulated_torch_npu(version: str | None = None) -> Iterator[ModuleType]:
     """Install the emulator as ``torch_npu`` in ``sys.modules`` for the duration of the block.
 
     Real ``torch_npu`` / ``torch_npu.*`` entries are hidden inside the block and put back on exit, even on error;
     anything ``torch_npu``-named imported inside the block is removed. Nesting works.
+
+    Args:
+        version: torch_npu release whose rules the ops enforce inside the block (``"6.0"``, ``"7.0.0"``, ...; a
+            release uses the newest documented rules not newer than it). None keeps the rules in force: an outer
+            block's, else ``$MOECONF_TORCH_NPU_RULES``, else the newest documented rules. An unknown release raises
+            ``ValueError`` before anything is installed.
     """
+    rules = emulator.resolve_rules(version)  # validates version (or the environment variable) up front
     saved = {name: sys.modules.pop(name) for name in _torch_npu_entries()}
     module = emulator_module()
     sys.modules[MODULE_NAME] = module
     try:
-        yield module
+        with emulator.torch_npu_rules(rules):
+            yield module
     finally:
         for name in _torch_npu_entries():
             del sys.modules[name]

@@ -2,7 +2,7 @@
 
 NOTE: both losses take the *logits* (``x Wᵀ + b``), never probabilities: a router that records
 probabilities as its "logits" makes the consumer apply softmax twice and the aux loss goes nearly
-constant (transformers #45120, regression case #5).
+constant (transformers #45120; docs/regression-cases.md #5).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ def load_balancing_loss(logits: torch.Tensor, top_k: int, attention_mask: torch.
 
     ``f_e`` = fraction of (token, slot) assignments to expert ``e`` when choosing the top-k of
     ``softmax(logits)`` (so Σ f = k and perfectly uniform routing gives ``k``); ``P_e`` = mean router
-    probability of ``e``. Padded rows (mask 0) count in neither (transformers #28505, case #6).
-    Selection here is on the softmax of the logits even for sigmoid routers: that is the loss the
-    models train with (shared/notes §3, §9.14).
+    probability of ``e``. Padded rows (mask 0) count in neither (transformers #28505;
+    docs/regression-cases.md #6). Selection here is on the softmax of the logits even for sigmoid
+    routers: transformers' ``load_balancing_loss_func`` softmaxes whatever the router records, and that
+    is the loss the models train with (docs/router-families.md, 'Load-balancing (aux) loss').
     """
     n, e = logits.shape
     rows = _row_weights(logits, attention_mask)

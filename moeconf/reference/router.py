@@ -1,7 +1,7 @@
 """Reference routing: logits → scores → (group-limited) top-k selection → weights.
 
-Pure float64 torch, written to read like the formulas in shared/notes/transformers-moe-landscape.md
-§4. Nothing here imports transformers.
+Pure float64 torch, written to read like the formulas in docs/router-families.md ('Pipeline').
+Nothing here imports transformers.
 """
 
 from __future__ import annotations

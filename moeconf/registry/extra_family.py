@@ -425,7 +425,8 @@ ENTRIES: tuple[ArchEntry, ...] = (
     ArchEntry(
         model_type="qwen3_omni_moe",
         config_class="Qwen3OmniMoeConfig",
-        # enable_audio_output=False: no talker / code2wav (their default configs do not build, notes §9.5).
+        # enable_audio_output=False: no talker / code2wav. The default talker does not build: its text config has
+        # no shared_expert_intermediate_size, which the talker's sparse block reads (transformers 5.24).
         config_kwargs=dict(thinker_config=QWEN3_OMNI_THINKER, enable_audio_output=False),
         modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
         block_class="Qwen3OmniMoeThinkerTextSparseMoeBlock",
@@ -442,8 +443,8 @@ ENTRIES: tuple[ArchEntry, ...] = (
             Expectation(
                 "xfail",
                 check="config_aux_loss",
-                reason="upstream: Qwen3OmniMoeForConditionalGeneration defines no forward (notes §9.5); the thinker "
-                "adds the aux loss, but the composite model cannot be run with labels",
+                reason="upstream: Qwen3OmniMoeForConditionalGeneration defines no forward (only generate and "
+                "talker helpers); the thinker adds the aux loss, but the composite model cannot be run with labels",
             ),
         ),
     ),

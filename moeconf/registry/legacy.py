@@ -2,7 +2,7 @@
 
 transformers 5 stores experts as fused 3-D parameters; 4.57 kept one ``nn.Module`` per expert, called
 only for experts that received tokens. That is where the ZeRO-3 fetch-order hang and the ZeRO-2 /
-FSDP None-grad hang really bite (shared/notes/regression-cases.md #1, #2), so the partitioning suite
+FSDP None-grad hang really bite (docs/regression-cases.md #1, #2), so the partitioning suite
 runs these entries under transformers 4.57. Only overrides are listed; the rest of the entry holds.
 """
 

@@ -1,7 +1,7 @@
 """Registry entries: sigmoid family (data, not code; see core.py for the shared tiny sizes and helpers).
 
 Sigmoid (or sqrt-softplus) routers without expert groups, plus the softmax-with-selection-bias
-routers of the same generation (ERNIE, LongCat). shared/notes/transformers-moe-landscape.md §4 R4/R5.
+routers of the same generation (ERNIE, LongCat). See docs/router-families.md, 'Families'.
 
 MiniMax-M3 and Inkling2 are in extra_family.py; the types moeconf cannot express yet are declared,
 with reasons, in ``moeconf.tools.coverage.DECLARED_UNSUPPORTED``.

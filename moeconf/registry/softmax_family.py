@@ -269,7 +269,8 @@ QWEN3_OMNI_MOE_THINKER = ArchEntry(
             "xfail",
             check="config_aux_loss",
             reason="upstream: Qwen3OmniMoeThinkerForConditionalGeneration.forward reads config.vision_start_token_id, "
-            "which only the talker config defines (notes §9.5): the loss cannot be computed from this config",
+            "which only the talker config (Qwen3OmniMoeTalkerConfig) defines: the loss cannot be computed from "
+            "this config",
         ),
     ),
 )

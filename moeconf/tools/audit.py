@@ -4,12 +4,12 @@ Two checks per entry, both on ``getattr(transformers, entry.model_class)(tiny co
 
 * ``config_leaf`` — the declared ZeRO-3 leaf classes exist in the modeling module, and
   ``deepspeed.utils.set_z3_leaf_modules`` marks at least one module of each (a typo'd key silently
-  registers nothing and ZeRO-3 hangs: LLaMA-Factory #6669, regression #3). Leaves are matched by class
+  registers nothing and ZeRO-3 hangs: LLaMA-Factory #6669, docs/regression-cases.md #3). Leaves are matched by class
   *name* against the model's own classes, so a same-named class from another module (remote code)
-  is marked too (LLaMA-Factory #7800, regression #4): shown on every entry with an impostor class.
+  is marked too (LLaMA-Factory #7800, docs/regression-cases.md #4): shown on every entry with an impostor class.
 * ``config_aux_loss`` — with the aux coefficient set to a known value where the entry says it lives
   and ``output_router_logits`` enabled as the config allows, ``loss == CE + coef·aux`` on a padded
-  batch with labels (regression #7: the coefficient is silently ignored). Entries without an aux loss
+  batch with labels (docs/regression-cases.md #7: the coefficient is silently ignored). Entries without an aux loss
   whose config still carries a coefficient or the flag get a warning (the knob does nothing).
 
 ``main_audit`` renders the results as ``moeconf.harness.engine.CheckResult`` records (backend ``config``).
@@ -326,7 +326,7 @@ def _audit_no_aux(entry: ArchEntry, config: Any, repro: str) -> AuditResult:
     note = ""
     try:
         loss, ce, aux = _run_with_labels(entry, config)
-    except Exception as exc:  # e.g. Llama4ForConditionalGeneration.forward raises (notes §9.4)
+    except Exception as exc:  # e.g. Llama4ForConditionalGeneration.forward reads outputs.image_outputs, which is absent
         note = f" (not confirmed: a tiny {entry.model_class} with labels raised {_brief(exc)})"
     else:
         err = float((loss - ce).abs())

@@ -48,7 +48,7 @@ KNOWN_FALSE_POSITIVES: dict[str, str] = {
     "granite_docling": "GraniteDoclingDensityRouter picks a vision connector per image, not experts per token",
 }
 """Modeling folders whose class names look like MoE but that route no tokens to experts
-(shared/notes/transformers-moe-landscape.md §1). Applied after the evidence rule, as a safety net
+(docs/transformers-moe-landscape.md, 'Declared unsupported types'). Applied after the evidence rule, as a safety net
 should a future version add more MoE-looking names to them."""
 
 EXPERT_FIELD = re.compile(r"expert", re.IGNORECASE)
@@ -58,13 +58,14 @@ EXPERT_FIELD = re.compile(r"expert", re.IGNORECASE)
 # --- declared gaps ------------------------------------------------------------------------------------
 
 DECLARED_UNSUPPORTED: dict[str, str] = {
-    # Each reason verified against transformers 5.24 (notes §4/§5/§9) and the spec (moeconf/spec.py).
+    # Each reason verified against transformers 5.24 and the spec (moeconf/spec.py); the source line of each is in
+    # docs/transformers-moe-landscape.md, 'Declared unsupported types'.
     "doge": "product-key retrieval experts (nn.Embedding up/down, two top-√E key lists): no routed-expert MLP to compare",
     "vitpose_backbone": "experts selected by a dataset index, no router: nothing token-routed to check",
     "jetmoe": "JetMoeMoE adds a learned output bias [H] (no canonical parameter) and calls input_linear(x_sorted, expert_size), not experts(x, index, weights)",
     "phimoe": "SparseMixer router: top-2 hard-coded, w = softmax(ℓ masked where (max ℓ − ℓ)/max(|ℓ|, max ℓ) > 2ε)[argmax], second pick with the first at −inf; Gumbel sampling in training",
     "switch_transformers": "experts receive a capacity-masked one-hot dispatch mask [N, 1, E] (routing unobservable); own per-sequence aux loss and unmasked z-loss; unrouted experts get .grad None",
-    "nllb-moe": "block constructor NllbMoeSparseMLP(config, ffn_dim) needs ffn_dim; upstream routes every token to experts 0/1 only (one_hot of the one-hot top-1 mask, notes §9.1)",
+    "nllb-moe": "block constructor NllbMoeSparseMLP(config, ffn_dim) needs ffn_dim; upstream routes every token to experts 0/1 only (one_hot of the one-hot top-1 mask)",
     "gemma4": "no MoE block: router/experts are Gemma4TextDecoderLayer children; router input RMSNorm·scale·H^-½, weights × per_expert_scale[i], expert in/out RMSNorms, router records probabilities",
     "gemma4_text": "as gemma4 (same decoder layer)",
     "diffusion_gemma": "as gemma4 (DiffusionGemma encoder/decoder text layers)",

@@ -1,6 +1,6 @@
 """Conformance of the pure-torch torch_npu MoE emulator (moeconf.npu) against the semantics in
-shared/notes/torch-npu-moe-ops.md: hand-computed examples, property tests against naive python loops, gradients,
-rejections and the ``torch_npu`` stand-in module.
+docs/torch-npu-ops.md: hand-computed examples, property tests against naive python loops, gradients,
+rejections, the per-release rules and the ``torch_npu`` stand-in module.
 """
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ from torch import Tensor
 
 from moeconf.npu import emulator
 from moeconf.npu.emulator import (
+    DEFAULT_RULES,
     MAX_INDEX,
+    RULES,
+    RULES_ENV,
+    current_rules,
     grouped_matmul_autograd,
     npu_grouped_matmul,
     npu_moe_token_permute,
     npu_moe_token_unpermute,
     npu_swiglu,
+    resolve_rules,
+    torch_npu_rules,
 )
 from moeconf.npu.fake_torch_npu import (
     EMULATED_OPS,
@@ -38,6 +44,12 @@ from moeconf.npu.fake_torch_npu import (
 )
 
 PROPERTY = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True)
+def _default_release_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts from the default (newest) rules, whatever the caller's environment selects."""
+    monkeypatch.delenv(RULES_ENV, raising=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,7 +161,8 @@ def grouped_cases(draw: st.DrawFn) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 # Flat expert ids [0,3,3,2,3,1,0,0]: stable order by expert is slots [0,6,7 | 5 | 3 | 1,2,4], i.e. the forward map
-# [0,6,7,5,3,1,2,4] (the docstring's example sorted_indices); its inverse is [0,5,6,4,7,3,1,2] (note §4.2).
+# [0,6,7,5,3,1,2,4] (the unpermute docstring's example sorted_indices); its inverse is [0,5,6,4,7,3,1,2]
+# (docs/torch-npu-ops.md, 'npu_moe_token_unpermute').
 HAND_INDICES = torch.tensor([[0, 3], [3, 2], [3, 1], [0, 0]])
 HAND_TOKENS = torch.tensor([[1.0], [2.0], [3.0], [4.0]])  # token t carries the value t+1
 HAND_FORWARD = [0, 6, 7, 5, 3, 1, 2, 4]
@@ -173,7 +186,7 @@ def test_hand_example_unpermute_weights_each_copy() -> None:
 
 
 def test_hand_example_doc_trap_forward_map_is_not_interchangeable() -> None:
-    # Feeding the docstring's forward map to unpermute mixes tokens up (note §4.2 "doc trap").
+    # Feeding the docstring's forward map to unpermute mixes tokens up: torch_npu's sorted_indices is the inverse map.
     permuted, _ = npu_moe_token_permute(HAND_TOKENS, HAND_INDICES)
     probs = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     wrong = npu_moe_token_unpermute(permuted, torch.tensor(HAND_FORWARD, dtype=torch.int32), probs)
@@ -251,7 +264,7 @@ def test_unpermute_matches_naive_and_megatron_scatter(case: dict) -> None:
     out = npu_moe_token_unpermute(expert_out, sorted_indices, probs)
     torch.testing.assert_close(out, naive_unpermute(expert_out, sorted_indices.tolist(), probs, topk))
     if expert_out.size(0) == case["total"]:
-        # Megatron's reference scatters with the forward map argsort(npu_s) (note §4.2).
+        # Megatron's old reference scatters with the forward map argsort(npu_s) instead of gathering with npu_s.
         forward = torch.argsort(sorted_indices.long(), stable=True)
         scattered = torch.zeros(case["total"], tokens.size(1)).index_copy_(0, forward, expert_out)
         megatron = (scattered.reshape(-1, topk, tokens.size(1)) * probs.unsqueeze(-1)).sum(1)
@@ -343,7 +356,7 @@ def test_unpermute_saves_permuted_only_with_probs(with_probs: bool) -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         npu_moe_token_unpermute(permuted, sorted_indices, probs)
     saves_permuted = any(t.data_ptr() == permuted.data_ptr() for t in saved)
-    assert saves_permuted == with_probs  # note §4.2 memory optimization
+    assert saves_permuted == with_probs  # op-plugin skips saving permuted_tokens when there is no probs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,6 +441,27 @@ def test_grouped_matmul_low_precision_keeps_dtype(dtype: torch.dtype) -> None:
     assert y.dtype == dtype
     ref = naive_grouped_mm(x.to(dtype).float(), weight.to(dtype).float(), [2, 0, 4])
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-3)
+
+
+def test_grouped_matmul_accepts_default_valued_optional_arguments() -> None:
+    # The older call style passes empty lists for unused tensor-list arguments; output_dtype may repeat x's dtype.
+    expected = npu_grouped_matmul([_X], [_W], group_list=_CNT, split_item=2, group_type=0, group_list_type=1)
+    (y,) = npu_grouped_matmul(
+        [_X],
+        [_W],
+        bias=[],
+        scale=[],
+        offset=[],
+        antiquant_scale=[],
+        antiquant_offset=[],
+        group_list=_CNT,
+        split_item=2,
+        group_type=0,
+        group_list_type=1,
+        act_type=0,
+        output_dtype=torch.float32,
+    )
+    torch.testing.assert_close(y, expected[0])
 
 
 def test_grouped_matmul_has_no_autograd() -> None:
@@ -606,6 +640,14 @@ REJECTIONS: list[tuple[str, Callable[[], object], str]] = [
     ),
     ("gmm-bias-shape", _gmm(bias=[torch.zeros(5)]), "bias"),
     ("gmm-unsupported-scale", _gmm(scale=[torch.ones(5)]), "scale"),
+    ("gmm-unsupported-output_dtype", _gmm(output_dtype=torch.float16), "output_dtype"),
+    (
+        "gmm-ungrouped-bias-count",
+        lambda: npu_grouped_matmul(
+            [_X.half()] * 2, [torch.randn(3, 5).half()] * 2, bias=[torch.zeros(5).half()], group_type=-1
+        ),
+        "bias",
+    ),
     ("gmm-x-not-list", _gmm(x=_X), "x"),
     # npu_swiglu
     ("swiglu-odd-dim", lambda: npu_swiglu(torch.randn(2, 3)), "dim"),
@@ -625,6 +667,106 @@ def test_rejections_raise_one_line_value_error_naming_the_argument(call: Callabl
     message = str(info.value)
     assert "\n" not in message
     assert f"'{argument}'" in message, message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-release rules (docs/torch-npu-ops.md, 'Release rules')
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fp32_gmm() -> list[Tensor]:
+    x, weight = torch.randn(4, 3), torch.randn(2, 3, 5)
+    return npu_grouped_matmul(
+        [x], [weight], group_list=torch.tensor([1, 3]), split_item=2, group_type=0, group_list_type=1
+    )
+
+
+def test_default_rules_are_the_newest_documented_release() -> None:
+    newest = max(RULES, key=lambda v: tuple(int(p) for p in v.split(".")))
+    assert DEFAULT_RULES == newest == "7.0"
+    assert current_rules() is RULES["7.0"]
+    assert torch.float32 in current_rules().gmm_dtypes
+
+
+def test_float32_x_rejected_under_6_0_rules() -> None:
+    with emulated_torch_npu(version="6.0") as torch_npu:
+        assert current_rules().version == "6.0"
+        with pytest.raises(ValueError) as info:
+            torch_npu.npu_grouped_matmul(
+                [torch.randn(4, 3)],
+                [torch.randn(2, 3, 5)],
+                group_list=torch.tensor([1, 3]),
+                split_item=2,
+                group_type=0,
+                group_list_type=1,
+            )
+    message = str(info.value)
+    assert "\n" not in message and "'x[0]'" in message and "6.0" in message, message
+    assert current_rules() is RULES[DEFAULT_RULES]  # restored on exit
+
+
+@pytest.mark.parametrize("version", ["7.0", "7.0.0", "7.1", "7.2.RC1"])
+def test_float32_x_accepted_under_7_x_rules(version: str) -> None:
+    with emulated_torch_npu(version=version):
+        assert current_rules() is RULES["7.0"]
+        (y,) = _fp32_gmm()
+    assert y.dtype == torch.float32 and y.shape == (4, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_6_0_rules_accept_half_precision(dtype: torch.dtype) -> None:
+    x, weight = torch.randn(4, 3).to(dtype), torch.randn(2, 3, 5).to(dtype)
+    with torch_npu_rules("6.0.0"):
+        (y,) = npu_grouped_matmul([x], [weight], group_list=[1, 4], split_item=2, group_type=0)
+    assert y.dtype == dtype
+
+
+def test_6_0_rules_also_apply_to_the_autograd_wrapper_and_other_ops_are_unchanged() -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    with torch_npu_rules("6.0"), pytest.raises(ValueError, match="'x\\[0\\]'"):
+        grouped_matmul_autograd(x, torch.randn(2, 3, 5), [1, 3])
+    with torch_npu_rules("6.0"):  # only npu_grouped_matmul's dtypes differ between the documented releases
+        permuted, sorted_indices = npu_moe_token_permute(HAND_TOKENS, HAND_INDICES)
+        npu_moe_token_unpermute(npu_swiglu(torch.cat([permuted, permuted], dim=1)), sorted_indices, torch.ones(4, 2))
+
+
+def test_environment_variable_selects_the_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RULES_ENV, "6.0")
+    assert current_rules() is RULES["6.0"]
+    with pytest.raises(ValueError, match="torch_npu 6.0"):
+        _fp32_gmm()
+    with emulated_torch_npu(version="7.0"):  # an explicit version wins over the environment
+        _fp32_gmm()
+    monkeypatch.setenv(RULES_ENV, "7.1")
+    _fp32_gmm()
+
+
+def test_nesting_restores_the_outer_rules() -> None:
+    with torch_npu_rules("6.0"):
+        with emulated_torch_npu(version="7.0"):
+            _fp32_gmm()
+        with emulated_torch_npu():  # no version: keeps the rules in force
+            assert current_rules().version == "6.0"
+        assert current_rules().version == "6.0"
+    assert current_rules().version == DEFAULT_RULES
+
+
+@pytest.mark.parametrize("version", ["5.0", "abc", ""])
+def test_unknown_release_is_rejected_before_installing(version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    with pytest.raises(ValueError), emulated_torch_npu(version=version):
+        pass
+    assert "torch_npu" not in sys.modules
+    assert current_rules() is RULES[DEFAULT_RULES]
+
+
+def test_bad_environment_variable_names_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RULES_ENV, "4.1")
+    with pytest.raises(ValueError, match=RULES_ENV):
+        current_rules()
+    with pytest.raises(ValueError, match=RULES_ENV):
+        _fp32_gmm()
+    assert resolve_rules("6.0.rc3") is RULES["6.0"]  # an explicit release does not read the variable
 
 
 # ----------------------------------------------------------------------------------------------------------------
