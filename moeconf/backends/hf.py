@@ -25,6 +25,7 @@ from moeconf.hf.block import (
     cast_like_from_pretrained,
     framework_losses,
     load_params,
+    Recording,
     recording,
 )
 from moeconf.registry.entry import ArchEntry
@@ -74,21 +75,35 @@ class HFBlockBackend:
             out = _first(block(hidden)).reshape(hidden.shape)
         out.backward(request.grad_output.to(device=request.device, dtype=request.dtype))
 
-        logits = rec.router_logits(entry)
-        index, weights = rec.routing(entry)
-        aux, z = framework_losses(entry, logits, request.attention_mask)
         grads, missing = canonical_grads(entry, block)
         grads["input"] = hidden.grad
-        return Observation(
-            output=out.detach(),
-            topk_index=index,
-            topk_weights=_detach(weights),
-            router_logits=_detach(logits),
-            aux_loss=_detach(aux),
-            z_loss=_detach(z),
-            grads=grads,
-            missing_grads=missing,
-        )
+        return observation_of(entry, rec, out, request.attention_mask, grads, missing)
+
+
+def observation_of(
+    entry: ArchEntry,
+    rec: Recording,
+    output: torch.Tensor,
+    attention_mask: torch.Tensor,
+    grads: dict[str, torch.Tensor | None],
+    missing: tuple[str, ...],
+) -> Observation:
+    """What a HF block showed in one forward/backward: its output, the routing and router output
+    its hooks recorded, the model's own aux/z losses from that recording, and the gradients.
+    Shared by the single-process backends and every rank of the multi-rank ones."""
+    logits = rec.router_logits(entry)
+    index, weights = rec.routing(entry)
+    aux, z = framework_losses(entry, logits, attention_mask)
+    return Observation(
+        output=output.detach(),
+        topk_index=index,
+        topk_weights=_detach(weights),
+        router_logits=_detach(logits),
+        aux_loss=_detach(aux),
+        z_loss=_detach(z),
+        grads=grads,
+        missing_grads=missing,
+    )
 
 
 def _first(output: Any) -> torch.Tensor:

@@ -18,10 +18,10 @@ from torch import nn
 
 from moeconf.backends.base import Observation, RunRequest, StepObservation, StepsRequest
 from moeconf.backends.dense import apply_dense_patch
+from moeconf.backends.hf import observation_of
 from moeconf.hf.block import (
     build_block,
     cast_like_from_pretrained,
-    framework_losses,
     load_params,
     recording,
     to_canonical,
@@ -165,25 +165,9 @@ def run_case(job: RankJob, case: RunRequest) -> Observation:
     """One replicated batch (every rank sees the same tokens): output, routing, losses, full grads."""
     engine = _engine(job, case.params, lr=0.0)
     out, grad_input, rec = _forward_backward(job, engine, case.hidden, case.grad_output)
-    index, weights = rec.routing(job.entry)
-    logits = rec.router_logits(job.entry)
-    aux, z = framework_losses(job.entry, logits, case.attention_mask)
     grads, missing = _gathered(job, engine, engine.full_grad)
     grads["input"] = grad_input
-    return Observation(
-        output=out,
-        topk_index=index,
-        topk_weights=_detached(weights),
-        router_logits=_detached(logits),
-        aux_loss=_detached(aux),
-        z_loss=_detached(z),
-        grads=grads,
-        missing_grads=missing,
-    )
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach() if isinstance(t, torch.Tensor) else t
+    return observation_of(job.entry, rec, out, case.attention_mask, grads, missing)
 
 
 def run_steps(job: RankJob, steps: StepsRequest) -> list[StepObservation]:
