@@ -134,11 +134,50 @@ def partition(session: nox.Session, transformers: str) -> None:
     _share_user_packages(session)
     session.install(PARTITION_TRANSFORMERS[transformers], "deepspeed>=0.16,<0.20")
     session.install("--no-deps", "-e", str(HERE))
-    # Build DeepSpeed's CPU comm op once, up front, with progress and a stale-lock check.
-    session.run(
-        "python",
-        "-c",
-        "from moeconf.distributed.deepspeed_env import ensure_deepspeed_cpu_ops as b; b()",
-        env={"DS_ACCELERATOR": "cpu"},
-    )
+    # Build DeepSpeed's CPU comm op once, up front (what `moeconf check` does before its first launch
+    # too): a writable cache, a killed build's lock removed, a live build waited for.
+    session.run("python", "-m", "moeconf.distributed.deepspeed_env", env={"DS_ACCELERATOR": "cpu"})
     _pytest(session, "partition", env={}, python="python", workers="2")
+
+
+# --- performance ------------------------------------------------------------------------------------
+PERF_DIR = "perf-results"
+
+
+def _perf(session: nox.Session, device: str) -> None:
+    """The perf suite (marker ``perf``): the bench engine over the device's quick preset set, JSON
+    reports and PNG plots in ``$MOECONF_PERF_DIR`` (default ``perf-results/``). Serial (``-n 0``): two
+    timed workers would share the cores they measure."""
+    out = os.environ.get("MOECONF_PERF_DIR", str(HERE / PERF_DIR))
+    env = {"MOECONF_DEVICE": device, "MOECONF_PERF_DIR": out}
+    if device == "cpu":
+        # One fixed intra-op thread unless told otherwise: stable on shared CI cores, and reported per row.
+        env["MOECONF_THREADS"] = os.environ.get("MOECONF_THREADS", "1")
+    _pytest(session, "perf", env=env, workers="0")
+    session.log(f"perf reports and plots: {out}")
+
+
+@nox.session(venv_backend="none")
+def perf(session: nox.Session) -> None:
+    """Perf suite on CPU: quick preset set, every figure timed, JSON + PNG plots in perf-results/.
+
+    Tiny blocks of four router families, checkpoint presets at 1/16 width, 2-rank training steps; no
+    speed is asserted; a few minutes on 2 cores."""
+    _install(session)
+    _perf(session, "cpu")
+
+
+@nox.session(venv_backend="none")
+def perf_cuda(session: nox.Session) -> None:
+    """Perf suite on CUDA (checkpoint presets at full size, bf16)."""
+    _require_device(session, "cuda")
+    _install(session)
+    _perf(session, "cuda")
+
+
+@nox.session(venv_backend="none")
+def perf_npu(session: nox.Session) -> None:
+    """Perf suite on Ascend NPU (hf-eager and npu-gmm at checkpoint sizes, bf16)."""
+    _require_device(session, "npu")
+    _install(session)
+    _perf(session, "npu")

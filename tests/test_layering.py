@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "harness": {"backends", "reference", "registry", "params", "spec", "devices", "hf"},
     "suites": {"harness", "backends", "registry", "devices", "distributed"},
     "tools": {"harness", "backends", "hf", "reference", "registry", "params", "spec", "devices"},
-    "bench": {"harness", "backends", "hf", "reference", "registry", "params", "spec", "devices"},
+    "bench": {"harness", "backends", "hf", "reference", "registry", "params", "spec", "devices", "distributed"},
     "cli": {"tools", "bench", "harness", "backends", "registry", "devices", "distributed"},
     "__main__": {"cli"},
     "__init__": set(),
