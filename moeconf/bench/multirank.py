@@ -30,7 +30,7 @@ from moeconf.bench.presets import describe_sizes, weight_count
 from moeconf.bench.roofline import Calibration, gemm_throughput, memory_bandwidth, report_calibration
 from moeconf.bench.rows import BenchRow
 from moeconf.bench.single import random_params
-from moeconf.bench.timing import Timing, TimingStatus, plan_runs
+from moeconf.bench.timing import Timing, TimingStatus, budget_cut_message, plan_runs, timed_status
 from moeconf.devices import DTYPES
 from moeconf.distributed import run_ranks
 from moeconf.registry.entry import ArchEntry
@@ -131,14 +131,8 @@ def _time_steps(job: StepJob, engine: object, tokens: int, rank: int) -> StepTim
             for _ in range(plan.warmup):
                 step()
             samples = _max_over_ranks([step() for _ in range(plan.samples)]) if plan.samples else [first]
-            status = "timed" if plan.samples >= job.repeat else "over_budget"
-            message = (
-                ""
-                if status == "timed"
-                else (
-                    f"{plan.samples} of {job.repeat} steps fit in the budget {job.budget_s:g} s (one step ≈ {first:.3g} s)"
-                )
-            )
+            status = timed_status(plan.samples, job.repeat)
+            message = budget_cut_message(plan.samples, job.repeat, job.budget_s, first, unit="steps")
     peak = _max_over_ranks([float(memory.peak_bytes or 0)])[0]
     return StepTiming(tokens, samples, status, message, touched, int(peak))  # type: ignore[arg-type]
 

@@ -112,6 +112,7 @@ def _ratio_bars(rows: Sequence[BenchRow], path: Path) -> Path | None:
 
 def write_plots(rows: Sequence[BenchRow], folder: Path) -> list[Path]:
     """Write the three PNGs into ``folder`` (created); returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
     multiple_routings = len({r.routing for r in rows}) > 1
     written = [
         _lines(

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -23,6 +22,9 @@ from rich.table import Table
 from moeconf.bench.memory import peak_memory_method
 from moeconf.bench.roofline import calibrations
 from moeconf.bench.rows import FAILING_ROWS, ROW_STATUSES, BenchRow
+from moeconf.harness.report import write_atomically
+
+__all__ = ["environment", "to_json", "to_text", "write_atomically"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -248,27 +250,3 @@ def to_text(
     tail = f" in {s['wall_s']} s" if "wall_s" in s else ""
     lines += ["", " ".join(f"{s[k]} {k}" for k in ROW_STATUSES) + tail]
     return _render(table) + "\n".join(lines) + "\n"
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write to a temp file beside ``path``, give it the mode the user's umask allows, rename over
-    ``path``: a reader never sees half a report, and a failure leaves no file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it; mkstemp's 0600 ignores it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -4,9 +4,10 @@ Statuses:
 
 | status        | meaning                                                                         | exit |
 |---------------|---------------------------------------------------------------------------------|------|
-| `timed`       | every sample taken                                                              | 0    |
-| `over_budget` | the figure would run past ``--budget`` or out of memory: what was measured so   | 0    |
-|               | far, and why                                                                    |      |
+| `timed`       | every sample taken, or at least 3 when ``--budget`` cut the rest (the message   | 0    |
+|               | says so)                                                                        |      |
+| `over_budget` | the figure would run past ``--budget`` with fewer than 3 samples, or out of     | 0    |
+|               | memory: what was measured so far, and why                                       |      |
 | `unsupported` | the backend cannot run this architecture / routing / pass here (the reason)     | 0    |
 | `not_timed`   | the backend failed a parity check at the tiny config (the failing check named): | 1    |
 |               | a wrong kernel gets no speed                                                    |      |

@@ -26,6 +26,15 @@ from torch.utils.benchmark.utils.timer import timer as synchronized_timer
 MIN_SAMPLE_S = 0.01
 """A sample lasts at least this long (calls are batched below it)."""
 
+MIN_TIMED_SAMPLES = 3
+"""Fewest samples that still make a ``timed`` figure when the budget cuts ``--repeat`` short.
+
+Why 3: the median and interquartile range need three points to say anything about spread, and a
+figure whose one call takes minutes (transformers' eager backward at checkpoint sizes) would otherwise
+need a budget of ``(warmup + repeat) x call`` to be timed at all. Fewer samples than asked is said in
+the row's message.
+"""
+
 TimingStatus = Literal["timed", "over_budget"]
 
 
@@ -56,7 +65,8 @@ class Timing:
     """The samples of one figure and what became of it.
 
     ``samples_s`` are whole samples (``calls_per_sample`` calls each); ``median_s``/``iqr_s`` are per
-    call. ``status`` is ``over_budget`` when fewer samples than asked were taken (``message`` says why);
+    call. ``status`` is ``timed`` with ``--repeat`` samples, or with at least ``MIN_TIMED_SAMPLES`` when
+    the budget cut the rest (``message`` says so); ``over_budget`` with fewer (``message`` says why);
     with no full sample the probe call is reported as the only measurement.
     """
 
@@ -140,6 +150,10 @@ def measure(
             break  # the runs got slower than the probe promised
     if len(samples) >= repeat:
         return timing(samples, plan.calls_per_sample, "timed")
+    if len(samples) >= MIN_TIMED_SAMPLES:
+        return timing(
+            samples, plan.calls_per_sample, "timed", budget_cut_message(len(samples), repeat, budget_s, first_s)
+        )
     if not samples:
         return timing(
             [first_s],
@@ -149,8 +163,17 @@ def measure(
             "after the warm-up; reported: the probe",
         )
     return timing(
-        samples,
-        plan.calls_per_sample,
-        "over_budget",
-        f"{len(samples)} of {repeat} samples fit in the budget {budget_s:g} s (one call ≈ {first_s:.3g} s)",
+        samples, plan.calls_per_sample, "over_budget", budget_cut_message(len(samples), repeat, budget_s, first_s)
     )
+
+
+def timed_status(samples: int, repeat: int) -> TimingStatus:
+    """``timed`` with every sample asked for, or with ``MIN_TIMED_SAMPLES`` of them; else ``over_budget``."""
+    return "timed" if samples >= min(repeat, MIN_TIMED_SAMPLES) else "over_budget"
+
+
+def budget_cut_message(samples: int, repeat: int, budget_s: float, call_s: float, unit: str = "samples") -> str:
+    """What a figure that the budget cut short says (empty when nothing was cut)."""
+    if samples >= repeat:
+        return ""
+    return f"{samples} of {repeat} {unit} fit in the budget {budget_s:g} s (one call ≈ {call_s:.3g} s)"
