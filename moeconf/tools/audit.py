@@ -175,18 +175,18 @@ def audit_leaf(entry: ArchEntry) -> AuditResult:
 # --- config_aux_loss ----------------------------------------------------------------------------------
 
 
-def _configs(config: Any, depth: int = 0) -> list[tuple[str, Any]]:
+def config_tree(config: Any, depth: int = 0) -> list[tuple[str, Any]]:
     """``(path, config)`` for the config and its (nested) sub-configs."""
     out = [("", config)]
     if depth < 2:
         for key in getattr(type(config), "sub_configs", None) or {}:
             sub = getattr(config, key, None)
             if sub is not None and not isinstance(sub, dict):
-                out += [(f"{key}.{p}" if p else key, c) for p, c in _configs(sub, depth + 1)]
+                out += [(f"{key}.{p}" if p else key, c) for p, c in config_tree(sub, depth + 1)]
     return out
 
 
-def _get_path(config: Any, path: str) -> Any:
+def get_path(config: Any, path: str) -> Any:
     value = config
     for part in path.split("."):
         value = value[part] if isinstance(value, dict) else getattr(value, part)
@@ -196,7 +196,7 @@ def _get_path(config: Any, path: str) -> Any:
 def _set_path(config: Any, path: str, value: Any) -> None:
     """Set a dotted attribute (sub-config objects or plain dict sub-configs)."""
     owner_path, _, leaf = path.rpartition(".")
-    owner = _get_path(config, owner_path) if owner_path else config
+    owner = get_path(config, owner_path) if owner_path else config
     if isinstance(owner, dict):
         owner[leaf] = value
     else:
@@ -206,14 +206,14 @@ def _set_path(config: Any, path: str, value: Any) -> None:
 def enable_router_logits(config: Any) -> list[str]:
     """Set ``output_router_logits=True`` on every (sub-)config that declares it; the paths set."""
     paths = []
-    for path, sub in _configs(config):
+    for path, sub in config_tree(config):
         if hasattr(sub, AUX_FLAG):
             setattr(sub, AUX_FLAG, True)
             paths.append(f"{path}.{AUX_FLAG}" if path else AUX_FLAG)
     return paths
 
 
-def _text_vocab(config: Any) -> int:
+def text_vocab(config: Any) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(getattr(text, "vocab_size", None) or config.vocab_size)
 
@@ -234,10 +234,11 @@ def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _run_with_labels(entry: ArchEntry, config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(loss, CE recomputed from the logits, aux_loss)`` of the tiny model on a padded batch."""
-    model = build_model(entry, config).eval()
-    batch = padded_batch(_text_vocab(config))
+def loss_parts(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(loss, CE recomputed from the logits, aux_loss)`` of ``model`` (in eval mode) on ``batch``."""
+    model.eval()
     with torch.no_grad():
         out = model(**batch, use_cache=False)  # no cache: hybrid linear-attention caches reject a loss-only call
     aux = getattr(out, "aux_loss", None)
@@ -246,6 +247,11 @@ def _run_with_labels(entry: ArchEntry, config: Any) -> tuple[torch.Tensor, torch
         causal_lm_ce(out.logits, batch["labels"]),
         None if aux is None else torch.as_tensor(aux).float(),
     )
+
+
+def _run_with_labels(entry: ArchEntry, config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(loss, CE recomputed from the logits, aux_loss)`` of the tiny model on a padded batch."""
+    return loss_parts(build_model(entry, config), padded_batch(text_vocab(config)))
 
 
 def audit_aux_loss(entry: ArchEntry) -> AuditResult:
@@ -257,7 +263,7 @@ def audit_aux_loss(entry: ArchEntry) -> AuditResult:
     attr = entry.aux_coef_attr
     try:
         _set_path(config, attr, KNOWN_COEF)
-        assert float(_get_path(config, attr)) == KNOWN_COEF
+        assert float(get_path(config, attr)) == KNOWN_COEF
     except Exception as exc:
         return AuditResult(
             "config_aux_loss", "fail", f"cannot set the aux coefficient {attr}: {type(exc).__name__}: {exc}", repro
@@ -269,7 +275,7 @@ def audit_aux_loss(entry: ArchEntry) -> AuditResult:
         return AuditResult(
             "config_aux_loss",
             "fail",
-            f"a tiny {entry.model_class} with labels raised {_brief(exc)}: the aux-loss composition cannot be verified",
+            f"a tiny {entry.model_class} with labels raised {brief_error(exc)}: the aux-loss composition cannot be verified",
             repro,
         )
     if aux is None:
@@ -306,7 +312,7 @@ def audit_aux_loss(entry: ArchEntry) -> AuditResult:
     )
 
 
-def _brief(exc: BaseException, limit: int = 120) -> str:
+def brief_error(exc: BaseException, limit: int = 120) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text[:limit]}"
 
@@ -314,11 +320,11 @@ def _brief(exc: BaseException, limit: int = 120) -> str:
 def _audit_no_aux(entry: ArchEntry, config: Any, repro: str) -> AuditResult:
     """No aux loss declared: flag a coefficient/flag the config carries but the model never uses."""
     knobs = [
-        f"{p}.{f}" if p else f for p, sub in _configs(config) for f in COEF_FIELDS + (AUX_FLAG,) if hasattr(sub, f)
+        f"{p}.{f}" if p else f for p, sub in config_tree(config) for f in COEF_FIELDS + (AUX_FLAG,) if hasattr(sub, f)
     ]
     if not knobs:
         return AuditResult("config_aux_loss", "pass", "no aux loss, and the config offers no coefficient", repro)
-    for path, sub in _configs(config):
+    for path, sub in config_tree(config):
         for name in COEF_FIELDS:
             if hasattr(sub, name):
                 setattr(sub, name, KNOWN_COEF)
@@ -327,7 +333,7 @@ def _audit_no_aux(entry: ArchEntry, config: Any, repro: str) -> AuditResult:
     try:
         loss, ce, aux = _run_with_labels(entry, config)
     except Exception as exc:  # e.g. Llama4ForConditionalGeneration.forward reads outputs.image_outputs, which is absent
-        note = f" (not confirmed: a tiny {entry.model_class} with labels raised {_brief(exc)})"
+        note = f" (not confirmed: a tiny {entry.model_class} with labels raised {brief_error(exc)})"
     else:
         err = float((loss - ce).abs())
         if aux is not None and err > LOSS_TOL * max(1.0, float(ce.abs())):
@@ -419,8 +425,17 @@ __all__ = [
     "audit_aux_loss",
     "audit_entry",
     "audit_leaf",
+    "brief_error",
+    "build_model",
+    "causal_lm_ce",
+    "config_tree",
+    "enable_router_logits",
+    "get_path",
     "impostor_class",
     "leaf_classes_by_name",
+    "loss_parts",
     "main_audit",
+    "padded_batch",
+    "text_vocab",
     "to_check_results",
 ]
