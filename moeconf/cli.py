@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -43,7 +44,8 @@ from moeconf.harness.report import (
     start_line,
     write_atomically,
 )
-from moeconf.registry import REGISTRY, UnknownName, get_entry
+from moeconf.registry import REGISTRY, UnknownName, all_entries, get_entry
+from moeconf.registry.outside import load_entry_points, load_registry, outside_entries, scoped
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -87,17 +89,33 @@ def _timeout(text: str) -> float:
     return value
 
 
+REGISTRY_HELP = (
+    "package.module:attr holding outside architectures (an ArchEntry or an iterable of them), "
+    "checked like the built-in ones; repeatable"
+)
+
+
+def _add_registry(parser: argparse.ArgumentParser, dest: str = "registry") -> None:
+    parser.add_argument("--registry", action="append", default=[], dest=dest, metavar="MODULE:ATTR", help=REGISTRY_HELP)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moeconf", description="Conformance gate for Mixture-of-Experts layers.")
+    # NOTE: also before the subcommand, with its own dest (a subparser's defaults would overwrite a
+    # shared one): repro lines are "<program> check ...", so `moeconf --registry X check ...` is the
+    # form that lets a repro of an outside architecture carry its registry.
+    _add_registry(parser, dest="registry_first")
     sub = parser.add_subparsers(dest="command", required=True)
 
     lst = sub.add_parser("list", help="architectures x backends with their status")
+    _add_registry(lst)
     lst.add_argument("--backend", nargs="+", default=list(DEFAULT_BACKENDS), help="backends to show")
     lst.add_argument("--device", default="cpu", choices=DEVICES)
     lst.add_argument("--format", default="text", choices=("text", "json"))
 
     chk = sub.add_parser("check", help="run the parity checks against the float64 reference")
     chk.add_argument("--arch", nargs="+", metavar="A", help="model types (default: every registered one)")
+    _add_registry(chk)
     chk.add_argument(
         "--backend",
         nargs="+",
@@ -153,7 +171,9 @@ def _parser() -> argparse.ArgumentParser:
 
     from moeconf.bench.cli import add_bench_arguments
 
-    add_bench_arguments(sub.add_parser("bench", help="time backends against the roofline measured in the same run"))
+    bench = sub.add_parser("bench", help="time backends against the roofline measured in the same run")
+    add_bench_arguments(bench)
+    _add_registry(bench)
     return parser
 
 
@@ -339,7 +359,8 @@ def _list(args: argparse.Namespace) -> int:
     from moeconf.tools.coverage import DECLARED_UNSUPPORTED
 
     rows = []
-    for entry in REGISTRY.values():
+    entries = all_entries()
+    for entry in entries.values():
         statuses = {}
         for name, backend in backends.items():
             reason = backend.supports(entry, "fp32", args.device)
@@ -352,6 +373,8 @@ def _list(args: argparse.Namespace) -> int:
                 statuses[name] = {"status": "supported", "reason": ""}
         rows.append({"model_type": entry.model_type, "block_class": entry.block_class, "backends": statuses})
     for model_type, reason in sorted(DECLARED_UNSUPPORTED.items()):
+        if model_type in entries:  # an outside entry fills the gap
+            continue
         unsupported = {"status": "unsupported", "reason": reason}
         rows.append({"model_type": model_type, "block_class": "-", "backends": dict.fromkeys(backends, unsupported)})
     if args.format == "json":
@@ -367,9 +390,12 @@ def _list(args: argparse.Namespace) -> int:
         if s["reason"]
     ]
     lines = _columns(table) + (["", "notes:", *notes] if notes else [])
+    outside = len(entries) - len(REGISTRY)
+    unsupported_types = len(rows) - len(entries)
     lines.append(
-        f"\n{len(rows)} model types ({len(REGISTRY)} registered, {len(DECLARED_UNSUPPORTED)} declared unsupported), "
-        f"{len(backends)} backends"
+        f"\n{len(rows)} model types ({len(REGISTRY)} registered, "
+        + (f"{outside} from outside registries, " if outside else "")
+        + f"{unsupported_types} declared unsupported), {len(backends)} backends"
     )
     _write(sys.stdout, "\n".join(lines) + "\n")
     return EXIT_OK
@@ -378,11 +404,12 @@ def _list(args: argparse.Namespace) -> int:
 def _selection(args: argparse.Namespace, program: str) -> tuple[Selection, dict[str, Backend], bool]:
     """The run ``args`` ask for, its backends loaded once, and whether the config audit runs; every
     name is checked (``UnknownName``) before anything runs."""
-    archs = _unique(args.arch) or tuple(REGISTRY)
+    archs = _unique(args.arch) or tuple(all_entries())
     from moeconf.tools.coverage import DECLARED_UNSUPPORTED
 
+    outside = outside_entries()
     for arch in archs:
-        if arch in DECLARED_UNSUPPORTED:
+        if arch in DECLARED_UNSUPPORTED and arch not in outside:
             raise UnknownName(f"{arch} is declared unsupported: {DECLARED_UNSUPPORTED[arch]}")
         get_entry(arch)
     backends = {name: resolve_backend(name) for name in _unique(args.backend) or ()}
@@ -472,10 +499,24 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _load_registries(args: argparse.Namespace, program: str) -> str:
+    """Register the installed ``moeconf.architectures`` entry points and every ``--registry``
+    (``RegistryLoadError``: a usage error, before any work); the program prefix of repro lines, which
+    carries the ``--registry`` options so that a repro of an outside architecture finds it."""
+    specs = tuple(dict.fromkeys([*args.registry_first, *getattr(args, "registry", [])]))
+    if args.command not in ("list", "check", "bench") and not specs:
+        return program  # discover works on transformers model types, not registry entries
+    load_entry_points()
+    for spec in specs:
+        load_registry(spec)
+    return " ".join([program, *(f"--registry {shlex.quote(spec)}" for spec in specs)])
+
+
 def _run(argv: Sequence[str] | None, program: str, state: _RunState) -> int:
     args = _parser().parse_args(argv)
     check_settings()  # MOECONF_* variables, before torch is configured or anything is imported
     use_threads_for_tiny_shapes()
+    program = _load_registries(args, program)
     if args.command == "list":
         return _list(args)
     if args.command == "discover":
@@ -493,7 +534,7 @@ def main(argv: Sequence[str] | None = None, program: str = "moeconf") -> int:
     """The command line; returns the exit code (argparse's own refusals exit 2 via ``SystemExit``)."""
     _quiet_transformers()
     state = _RunState()
-    with _signals_as_interrupts():
+    with _signals_as_interrupts(), scoped():  # one call's --registry does not outlive it
         try:
             return _run(argv, program, state)
         except (UnknownName, SettingError, ReportPathError) as exc:

@@ -25,8 +25,10 @@ ALLOWED: dict[str, set[str]] = {
     "suites": {"harness", "backends", "registry", "devices", "distributed"},
     "tools": {"harness", "backends", "hf", "reference", "registry", "params", "spec", "devices"},
     "bench": {"harness", "backends", "hf", "reference", "registry", "params", "spec", "devices", "distributed"},
+    "integration": {"tools", "harness", "hf", "reference", "registry", "params", "spec"},
     "cli": {"tools", "bench", "harness", "backends", "registry", "devices", "distributed"},
     "__main__": {"cli"},
+    "pytest_plugin": {"suites", "harness", "backends", "registry", "devices"},
     "__init__": set(),
 }
 

@@ -23,9 +23,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import os
-import sys
-import traceback
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
@@ -43,6 +40,7 @@ from moeconf.backends.base import (
 )
 from moeconf.backends.hf import HFBlockBackend
 from moeconf.registry import UnknownName
+from moeconf.registry.outside import RegistryLoadError, load_attribute, one_line
 
 
 def _builtin(module: str, attr: str) -> Callable[[], Backend]:
@@ -77,14 +75,6 @@ ENTRY_POINT_GROUP = "moeconf.backends"
 
 class BackendLoadError(UnknownName):
     """A ``--backend`` value that names no usable backend (a usage error; the message is one line)."""
-
-
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message at file:line`` (innermost frame outside importlib)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
-    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}{where}" if lines else f"{type(exc).__name__}{where}"
 
 
 def _defines_backend_methods(cls: type) -> bool:
@@ -158,7 +148,7 @@ def _instantiate(obj: object, origin: str) -> Backend:
     try:
         made = factory()
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's factory failing is a usage error
-        raise BackendLoadError(f"{origin}: {label}() raised {_one_line(exc)}") from None
+        raise BackendLoadError(f"{origin}: {label}() raised {one_line(exc)}") from None
     if isinstance(made, type) or not isinstance(made, Backend):
         raise BackendLoadError(
             f"{origin}: {label}() returned a {type(made).__name__}, not a moeconf backend "
@@ -168,29 +158,12 @@ def _instantiate(obj: object, origin: str) -> Backend:
 
 
 def _load_attribute(name: str) -> object:
-    """The object ``package.module:attr[.attr...]`` names; ``BackendLoadError`` on any failure."""
-    module_name, _, attr_path = name.partition(":")
-    if not module_name or not attr_path:
-        raise BackendLoadError(f"cannot load backend {name!r}: expected package.module:attr")
-    if os.getcwd() not in sys.path:  # as `python -m` would: a repro from the project root finds its modules
-        sys.path.append(os.getcwd())
+    """The object ``package.module:attr[.attr...]`` names; ``BackendLoadError`` on any failure
+    (the registry's loader: one set of rules for ``--backend`` and ``--registry``)."""
     try:
-        obj: object = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise BackendLoadError(f"cannot load backend {name!r}: {exc}") from None
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a module that raises, exits or does not parse
-        raise BackendLoadError(
-            f"cannot load backend {name!r}: importing {module_name} raised {_one_line(exc)}"
-        ) from None
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise BackendLoadError(
-                f"cannot load backend {name!r}: {type(obj).__name__} {getattr(obj, '__name__', '')!s} "
-                f"has no attribute {part!r}"
-            ) from None
-    return obj
+        return load_attribute(name, "backend")
+    except RegistryLoadError as exc:
+        raise BackendLoadError(str(exc)) from None
 
 
 def available_backends() -> list[str]:
@@ -207,7 +180,7 @@ def resolve_backend(name: str) -> Backend:
             try:
                 loaded = ep.load()
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin is a usage error
-                raise BackendLoadError(f"cannot load entry point {name!r} ({ep.value}): {_one_line(exc)}") from None
+                raise BackendLoadError(f"cannot load entry point {name!r} ({ep.value}): {one_line(exc)}") from None
             return _instantiate(loaded, f"entry point {name!r}")
     if ":" in name:
         return _instantiate(_load_attribute(name), name)

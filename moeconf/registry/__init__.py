@@ -54,11 +54,40 @@ class UnknownName(ValueError):
 
 
 def get_entry(model_type: str) -> ArchEntry:
-    """The entry for ``model_type``, or ``UnknownName`` listing every registered type."""
-    try:
-        return REGISTRY[model_type]
-    except KeyError:
-        raise UnknownName(f"unknown architecture {model_type!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+    """The entry for ``model_type``: built in, else registered from outside (``--registry``, the
+    ``moeconf.architectures`` entry points, loaded on the first miss); ``UnknownName`` listing every
+    registered type otherwise (``RegistryLoadError``, a subclass, when an entry point is broken)."""
+    entry = REGISTRY.get(model_type)
+    if entry is not None:
+        return entry
+    # NOTE: imported here, not at the top: outside.py imports this package's names.
+    from moeconf.registry.outside import load_entry_points, outside_entries
+
+    load_entry_points()
+    outside = outside_entries()
+    if model_type in outside:
+        return outside[model_type]
+    known = ", ".join(sorted(REGISTRY))
+    extra = f"; registered from outside: {', '.join(sorted(outside))}" if outside else ""
+    raise UnknownName(f"unknown architecture {model_type!r}; registered: {known}{extra}")
 
 
-__all__ = ["LAYOUTS", "REGISTRY", "ArchEntry", "Binding", "Expectation", "Layout", "UnknownName", "get_entry"]
+def all_entries() -> dict[str, ArchEntry]:
+    """The built-in entries, then the outside ones (entry points loaded first), by model type."""
+    from moeconf.registry.outside import load_entry_points, outside_entries
+
+    load_entry_points()
+    return {**REGISTRY, **outside_entries()}
+
+
+__all__ = [
+    "LAYOUTS",
+    "REGISTRY",
+    "ArchEntry",
+    "Binding",
+    "Expectation",
+    "Layout",
+    "UnknownName",
+    "all_entries",
+    "get_entry",
+]
