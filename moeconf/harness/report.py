@@ -2,18 +2,29 @@
 
 The JSON and JUnit reports keep every record with its full message (every rank's evidence of a
 multi-rank failure included). The text report is for a person: a table, then one entry per root
-cause (records whose status and first message line agree) with a repro per distinct
+cause (records whose status and first message line agree: for a raised exception its type, message
+and location, whatever the check) as ``×N (cases …)`` with a repro per distinct
 (arch, backend, dtype, device, case), multi-line evidence cut to the first failing rank's section,
 skip reasons with counts, and the records the environment kept from being judged.
+
+Root causes: every fail/error/setup record gets a ``root_cause`` id (``rc-`` + 8 hex digits of the
+status and normalised first message line: stable across runs and machines) and ``root_cause_count``
+in JSON, and the top-level ``root_causes`` list says each one once; the other records get null.
+JUnit keeps one testcase per record (a dashboard counts and tracks tests one by one) and names the
+root cause in each failure's text. An outside backend (``pkg.module:attr``) is shown by its ``name``
+in the text report's table, headings and progress lines; every repro keeps the import path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
+import re
 import secrets
 import shlex
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +64,32 @@ def summary(records: Sequence[CheckResult], wall_s: float | None = None) -> dict
 
 
 def to_json(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
-    return json.dumps({"results": [r.to_dict() for r in records], "summary": summary(records, wall_s)}, indent=1)
+    """``results`` (every record, plus its ``root_cause`` and ``root_cause_count``), ``summary`` and
+    ``root_causes``: each fail/error/setup cause once (id, status, headline, count, cases, checks)."""
+    causes = _causes(r for r in records if r.status in FAILING or r.status in ENVIRONMENT)
+    of = {id(r): c for c in causes for r in c.records}
+    results = []
+    for r in records:
+        cause = of.get(id(r))
+        results.append(
+            {**r.to_dict(), "root_cause": cause and cause.id, "root_cause_count": cause and len(cause.records)}
+        )
+    doc = {
+        "results": results,
+        "summary": summary(records, wall_s),
+        "root_causes": [
+            {
+                "id": c.id,
+                "status": c.status,
+                "headline": c.headline,
+                "count": len(c.records),
+                "cases": len({_case_key(r) for r in c.records}),
+                "checks": list(dict.fromkeys(r.check for r in c.records)),
+            }
+            for c in causes
+        ],
+    }
+    return json.dumps(doc, indent=1)
 
 
 def _err(value: float | None) -> str:
@@ -67,22 +103,56 @@ def progress_line(group: Sequence[CheckResult]) -> str:
     verdict = " ".join(f"{counts[s]} {s}" for s in STATUSES if counts.get(s))
     failed = [r.check for r in group if r.status in FAILING]
     tail = f"  <- {', '.join(failed)}" if failed else ""
-    return f"{first.arch:<14} {first.backend:<15} {first.dtype:<5} {first.device:<4} {first.case:<13} {verdict}{tail}"
+    backend = display_name(first.backend)
+    return f"{first.arch:<14} {backend:<15} {first.dtype:<5} {first.device:<4} {first.case:<13} {verdict}{tail}"
 
 
 def start_line(arch: str, backend: str, dtype: str, device: str) -> str:
     """The line printed before an (arch, backend, dtype) starts: a stuck run names what it is stuck in."""
-    return f"{arch:<14} {backend:<15} {dtype:<5} {device:<4} ..."
+    return f"{arch:<14} {display_name(backend):<15} {dtype:<5} {device:<4} ..."
+
+
+# --- backend names -----------------------------------------------------------------------------
+
+
+def display_name(backend: str) -> str:
+    """The ``name`` of an outside backend given as ``pkg.module:attr``, for a person to read; the
+    path itself when the backend is not an import path, its module is not imported in this process
+    (a report is never the reason code runs: nothing is imported, called or instantiated), or it
+    has no string ``name`` (a factory, a name set only in ``__init__``)."""
+    module_name, sep, attrs = backend.partition(":")
+    obj: object = sys.modules.get(module_name) if sep and module_name and attrs else None
+    for attr in attrs.split(".") if obj is not None else ():
+        obj = getattr(obj, attr, None)
+    try:
+        name = getattr(obj, "name", None) if obj is not None else None
+    except Exception:  # noqa: BLE001 - a property of the backend's own that raised
+        name = None
+    return name.strip() if isinstance(name, str) and name.strip() and "\n" not in name else backend
+
+
+def _display_names(records: Sequence[CheckResult]) -> dict[str, str]:
+    """Backend → what the text report calls it: its name, unless that would be ambiguous (another
+    backend of the report is called the same, or has that name as its own)."""
+    backends = list(dict.fromkeys(r.backend for r in records))
+    named = {b: display_name(b) for b in backends}
+    counts = Counter(named.values())
+    return {b: n if n == b or (counts[n] == 1 and n not in backends) else b for b, n in named.items()}
+
+
+def _shown(r: CheckResult, names: dict[str, str]) -> str:
+    return names.get(r.backend, r.backend)
 
 
 # --- text report -------------------------------------------------------------------------------
 
 
-def _table(records: Sequence[CheckResult]) -> list[str]:
-    """Rows (arch, backend, dtype, device) × columns check: the worst status over the cases."""
+def _table(records: Sequence[CheckResult], names: dict[str, str]) -> list[str]:
+    """Rows (arch, backend, dtype, device) × columns check: the worst status over the cases; a line
+    per renamed backend says which import path its name stands for."""
     table: dict[tuple[str, str, str, str], dict[str, CheckResult]] = {}
     for r in records:
-        row = table.setdefault((r.arch, r.backend, r.dtype, r.device), {})
+        row = table.setdefault((r.arch, _shown(r, names), r.dtype, r.device), {})
         if r.check not in row or SEVERITY[r.status] < SEVERITY[row[r.check].status]:
             row[r.check] = r
     checks = list(dict.fromkeys(r.check for r in records))
@@ -92,7 +162,8 @@ def _table(records: Sequence[CheckResult]) -> list[str]:
     ]
     rows = [[*key, *(row[c].status if c in row else "" for c in checks)] for key, row in table.items()]
     widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
-    return [" ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in [header, *rows]]
+    lines = [" ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in [header, *rows]]
+    return lines + [f"({name} = --backend {path})" for path, name in names.items() if name != path]
 
 
 @dataclass
@@ -104,15 +175,30 @@ class _Cause:
     records: list[CheckResult] = field(default_factory=list)
 
     @property
+    def id(self) -> str:
+        """``rc-`` + 8 hex digits of (status, headline): the same cause has the same id in every run."""
+        return "rc-" + hashlib.sha1(f"{self.status}\0{self.headline}".encode()).hexdigest()[:8]
+
+    @property
     def evidence(self) -> str:
         """The first multi-line message of the cause (a rank report, a stuck call's stack)."""
         return next((r.message for r in self.records if "\n" in r.message), "")
 
 
+_WHERE_EVIDENCE = re.compile(r"(; it was at:| \((stack|every rank's evidence) on the [^()]*\))$")
+"""What the engine appends to one record's first line (it carries the long evidence) or to the others'
+(they point at it): not part of the cause."""
+
+
+def _headline(r: CheckResult) -> str:
+    headline = r.message.strip().splitlines()[0] if r.message.strip() else "(no message)"
+    return _WHERE_EVIDENCE.sub("", headline)
+
+
 def _causes(records: Iterable[CheckResult]) -> list[_Cause]:
     causes: dict[tuple[str, str], _Cause] = {}
     for r in records:
-        headline = r.message.strip().splitlines()[0] if r.message.strip() else "(no message)"
+        headline = _headline(r)
         causes.setdefault((r.status, headline), _Cause(r.status, headline)).records.append(r)
     return list(causes.values())
 
@@ -189,27 +275,50 @@ def evidence_excerpt(message: str, max_lines: int = EVIDENCE_LINES) -> list[str]
     return cut
 
 
-def _cause_lines(cause: _Cause, case_checks: dict[CaseKey, set[str]]) -> list[str]:
+SCOPE_GROUPS = 6
+"""Most (arch, ...) groups of cases named in one cause's heading (the rest are counted)."""
+
+
+def _scope(records: Sequence[CheckResult], names: dict[str, str]) -> str:
+    """Where a cause struck, for its heading: ``4 cases: mixtral random, single_token; qwen2_moe
+    random; my-kernel fp32 cpu; 9 checks`` (what every case shares is said once, at the end)."""
+    keys = list(dict.fromkeys((r.arch, _shown(r, names), r.dtype, r.device, r.case) for r in records))
+    shared = [i for i in (1, 2, 3) if len({k[i] for k in keys}) == 1]
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        label = " ".join(key[i] for i in (0, 1, 2, 3) if i not in shared)
+        groups.setdefault(label, []).append(key[4])
+    named = [f"{label} {', '.join(cases)}" for label, cases in list(groups.items())[:SCOPE_GROUPS]]
+    if len(groups) > SCOPE_GROUPS:
+        named.append(f"+{len(groups) - SCOPE_GROUPS} more")
+    checks = len({r.check for r in records})
+    parts = ["; ".join(named), " ".join(keys[0][i] for i in shared), f"{checks} check{'s' if checks != 1 else ''}"]
+    return f"{len(keys)} case{'s' if len(keys) != 1 else ''}: " + "; ".join(p for p in parts if p)
+
+
+def _cause_lines(cause: _Cause, case_checks: dict[CaseKey, set[str]], names: dict[str, str]) -> list[str]:
     first = cause.records[0]
     if len(cause.records) == 1:
         head = (
-            f"- {cause.status.upper()} {first.arch} {first.backend} {first.dtype} {first.device} "
+            f"- {cause.status.upper()} {first.arch} {_shown(first, names)} {first.dtype} {first.device} "
             f"case={first.case} check={first.check}: {cause.headline}"
         )
         if first.max_abs_err is not None:
             head += f" (max_abs_err={_err(first.max_abs_err)}, atol={first.atol}, rtol={first.rtol})"
     else:
-        checks = list(dict.fromkeys(r.check for r in cause.records))
-        head = f"- {cause.status.upper()} in {len(cause.records)} records ({len(checks)} checks): {cause.headline}"
+        head = (
+            f"- {cause.status.upper()} ×{len(cause.records)} ({_scope(cause.records, names)}) "
+            f"[{cause.id}]: {cause.headline}"
+        )
     evidence = ["    " + line for line in evidence_excerpt(cause.evidence)]
     return [head, *evidence, *_repro_lines(cause, case_checks)]
 
 
-def _skip_lines(skipped: Sequence[CheckResult]) -> list[str]:
+def _skip_lines(skipped: Sequence[CheckResult], names: dict[str, str]) -> list[str]:
     """One line per distinct skip reason, with its count and the backends it concerns."""
     lines = []
     for cause in _causes(skipped):
-        backends = list(dict.fromkeys(r.backend for r in cause.records))
+        backends = list(dict.fromkeys(_shown(r, names) for r in cause.records))
         scope = ", ".join(backends[:3]) + (f" +{len(backends) - 3}" if len(backends) > 3 else "")
         lines.append(f"- {len(cause.records)} records ({scope}): {cause.headline}")
     return lines
@@ -217,7 +326,8 @@ def _skip_lines(skipped: Sequence[CheckResult]) -> list[str]:
 
 def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
     """The table, then failing causes with repros, environment faults, skips, warnings, xfails."""
-    lines = _table(records)
+    names = _display_names(records)
+    lines = _table(records, names)
     case_checks: dict[CaseKey, set[str]] = {}
     for r in records:
         case_checks.setdefault(_case_key(r), set()).add(r.check)
@@ -226,22 +336,24 @@ def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
         causes = _causes(bad)
         lines += ["", f"{len(bad)} failing record(s), {len(causes)} distinct cause(s):"]
         for cause in causes:
-            lines += _cause_lines(cause, case_checks)
+            lines += _cause_lines(cause, case_checks, names)
     environment = [r for r in records if r.status in ENVIRONMENT]
     if environment:
         lines += ["", f"{len(environment)} record(s) not judged: the environment failed, not the code under test:"]
         for cause in _causes(environment):
-            lines += _cause_lines(cause, case_checks)
+            lines += _cause_lines(cause, case_checks, names)
     skipped = [r for r in records if r.status == "skip"]
     if skipped:
-        lines += ["", f"{len(skipped)} skipped record(s):", *_skip_lines(skipped)]
+        lines += ["", f"{len(skipped)} skipped record(s):", *_skip_lines(skipped, names)]
     warnings = [r for r in records if r.status == "pass" and r.message.startswith("WARNING:")]
     if warnings:
         lines += ["", "warnings:"] + [f"- {r.arch} {r.check}: {r.message[len('WARNING:') :].strip()}" for r in warnings]
     xfails = [r for r in records if r.status == "xfail"]
     if xfails:
         lines += ["", "expected failures (declared in the registry):"]
-        lines += sorted({f"- {r.arch} {r.backend} {r.dtype} {r.check}: {r.message.split('. ')[0]}" for r in xfails})
+        lines += sorted(
+            {f"- {r.arch} {_shown(r, names)} {r.dtype} {r.check}: {r.message.split('. ')[0]}" for r in xfails}
+        )
     s = summary(records, wall_s)
     lines += ["", " ".join(f"{s[k]} {k}" for k in STATUSES) + (f" in {s['wall_s']} s" if wall_s is not None else "")]
     return "\n".join(lines) + "\n"
@@ -265,7 +377,9 @@ def to_junit(records: Sequence[CheckResult], wall_s: float | None = None) -> str
     """JUnit XML: one testcase per record, classname ``arch.backend.dtype.device``, name ``case::check``.
 
     A ``setup`` record is an ``<error type="environment">``: it must not show green, and the type
-    tells a CI dashboard that the machine, not the code, is at fault."""
+    tells a CI dashboard that the machine, not the code, is at fault. Not grouped by root cause (a
+    dashboard counts and tracks testcases one by one): a record that shares its cause with others
+    says so, with the cause's id, in its failure text."""
     s = summary(records, wall_s)
     suite = ET.Element(
         "testsuite",
@@ -276,11 +390,16 @@ def to_junit(records: Sequence[CheckResult], wall_s: float | None = None) -> str
         skipped=str(s["skip"]),
         time=str(s.get("wall_s", 0)),
     )
+    causes = _causes(r for r in records if r.status in FAILING or r.status in ENVIRONMENT)
+    of = {id(r): c for c in causes for r in c.records}
     for r in records:
         case = ET.SubElement(
             suite, "testcase", classname=f"{r.arch}.{r.backend}.{r.dtype}.{r.device}", name=f"{r.case}::{r.check}"
         )
         detail = f"{r.message}\nmax_abs_err={_err(r.max_abs_err)} atol={r.atol} rtol={r.rtol}\nrepro: {r.repro}"
+        cause = of.get(id(r))
+        if cause is not None and len(cause.records) > 1:
+            detail += f"\nroot cause {cause.id}: shared by {len(cause.records)} records of this report"
         headline = r.message.strip().splitlines()[0] if r.message.strip() else ""
         if r.status == "fail":
             ET.SubElement(case, "failure", message=headline or "check failed").text = detail

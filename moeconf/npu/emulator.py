@@ -21,7 +21,8 @@ it affects):
   whose backward raises ``RuntimeError``, so a missing wrapper fails loudly instead of silently dropping gradients.
   ``grouped_matmul_autograd`` is the LLaMA-Factory-style wrapper.
 
-Every argument rejection is a one-line ``ValueError`` of the form ``"<op>(): '<argument>' <reason>"``.
+Every argument rejection is a one-line ``ValueError`` (``NpuOpRejected``) of the form
+``"<op>(): '<argument>' <reason> (called at <file>:<line> in <function>)"``, located at the caller's line.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
 import torch
@@ -47,6 +50,7 @@ __all__ = [
     "MAX_TOPK",
     "RULES",
     "RULES_ENV",
+    "NpuOpRejected",
     "TorchNpuRules",
     "current_rules",
     "grouped_matmul_autograd",
@@ -173,8 +177,53 @@ _ACC = torch.float32  # NPU kernels accumulate fp16/bf16 in fp32
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class NpuOpRejected(ValueError):
+    """A call the torch_npu op would reject, located at the caller's line.
+
+    A real torch_npu op is native code: its rejection's traceback ends at the line that called it. The emulator's
+    raise sits several frames deeper, so the message names the call site itself, ``"<op>(): '<argument>' <reason>
+    (called at <file>:<line> in <function>)"``: the first frame outside ``moeconf/npu`` and torch (for
+    ``grouped_matmul_autograd``'s backward, the line that called the forward). ``call_site`` is ``"<file>:<line>"``
+    (relative to the working directory when under it); ``moeconf check`` records show it instead of the emulator's
+    own line.
+    """
+
+    def __init__(self, op: str, argument: str, reason: str, call_site: str, function: str) -> None:
+        where = f" (called at {call_site} in {function})" if call_site else ""
+        super().__init__(f"{op}(): '{argument}' {reason}{where}")
+        self.op, self.argument, self.reason, self.call_site, self.function = op, argument, reason, call_site, function
+
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_backward = threading.local()
+"""``sites``: call sites of the ``grouped_matmul_autograd`` forwards whose backward runs in this thread."""
+
+
+def _shown_path(filename: str) -> str:
+    path = os.path.abspath(filename)
+    cwd = os.getcwd() + os.sep
+    return path.removeprefix(cwd)
+
+
+def _call_site() -> tuple[str, str]:
+    """``("<file>:<line>", function)`` of the first frame outside this package and torch: the caller's line."""
+    sites = getattr(_backward, "sites", None)
+    if sites and sites[-1][0]:
+        return sites[-1]
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        path = os.path.abspath(filename)
+        if not filename.startswith("<") and not path.startswith((_OWN_DIR, _TORCH_DIR)):
+            return f"{_shown_path(filename)}:{frame.f_lineno}", frame.f_code.co_name
+        frame = frame.f_back
+    return "", ""
+
+
 def _fail(op: str, arg: str, reason: str) -> NoReturn:
-    raise ValueError(f"{op}(): '{arg}' {reason}")
+    site, function = _call_site()
+    raise NpuOpRejected(op, arg, reason, site, function)
 
 
 def _check_tensor(op: str, arg: str, value: object) -> Tensor:
@@ -741,6 +790,8 @@ class _GroupedMatmulFn(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, counts: Tensor, gmm: Callable[..., list[Tensor]]) -> Tensor:
         ctx.save_for_backward(x, weight, counts)
         ctx.gmm = gmm
+        site, function = _call_site()
+        ctx.site = (site, f"{function}, in its backward") if site else ("", "")
         return gmm([x], [weight], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
 
     @staticmethod
@@ -748,12 +799,18 @@ class _GroupedMatmulFn(torch.autograd.Function):
         x, weight, counts = ctx.saved_tensors
         gmm = ctx.gmm
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gmm(
-                [grad_y], [weight.transpose(1, 2)], group_list=counts, split_item=2, group_type=0, group_list_type=1
-            )[0]
-        if ctx.needs_input_grad[1]:
-            grad_w = gmm([x.T], [grad_y], group_list=counts, split_item=3, group_type=2, group_list_type=1)[0]
+        # A rejection in here names the line that called the forward (the backward's own caller is torch).
+        sites = _backward.__dict__.setdefault("sites", [])
+        sites.append(ctx.site)
+        try:
+            if ctx.needs_input_grad[0]:
+                grad_x = gmm(
+                    [grad_y], [weight.transpose(1, 2)], group_list=counts, split_item=2, group_type=0, group_list_type=1
+                )[0]
+            if ctx.needs_input_grad[1]:
+                grad_w = gmm([x.T], [grad_y], group_list=counts, split_item=3, group_type=2, group_list_type=1)[0]
+        finally:
+            sites.pop()
         return grad_x, grad_w, None, None
 
 
