@@ -84,6 +84,27 @@ def cpu(session: nox.Session) -> None:
     _install(session)
     # The multi-rank tests run in the partition session, after DeepSpeed's op is built up front.
     _pytest(session, "not partition and not perf", env={"MOECONF_DEVICE": "cpu"})
+    _example_tests(session)
+
+
+EXAMPLE = HERE / "examples" / "moe_framework"
+
+
+def _example_tests(session: nox.Session) -> None:
+    """The downstream example's own tests, as its CI runs them: from its root (its pytest settings,
+    the plugin, ``tinyframework`` importable through ``python -m``), not installed into this
+    environment (its entry points would add its architectures to every ``moeconf check`` here)."""
+    with session.chdir(EXAMPLE):
+        session.run(
+            PYTHON,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            env={"MOECONF_DEVICE": "cpu"},
+            success_codes=[0, NO_TESTS],
+            external=True,
+        )
 
 
 def _device_parity(session: nox.Session, device: str) -> None:
@@ -181,3 +202,37 @@ def perf_npu(session: nox.Session) -> None:
     _require_device(session, "npu")
     _install(session)
     _perf(session, "npu")
+
+
+# --- clients ----------------------------------------------------------------------------------------
+CLIENT_RESULTS = "client-results"
+
+
+@nox.session
+@nox.parametrize("transformers", list(PARTITION_TRANSFORMERS))
+def client_llamafactory(session: nox.Session, transformers: str) -> None:
+    """LLaMA-Factory 0.9.5 as a real client (clients/llamafactory/README.md): its ZeRO-3 leaf function,
+    its configure function and its NPU fused MoE forward (on moeconf's torch_npu emulator) under moeconf,
+    per transformers version. Report: ``client-results/llamafactory/<transformers version>/``
+    (``$MOECONF_CLIENT_RESULTS`` overrides the base). Succeeds when the report was written, whatever it
+    found (the findings are LLaMA-Factory's; their count is printed); fails when something could not be
+    judged or the runner broke."""
+    _share_user_packages(session)
+    session.install(PARTITION_TRANSFORMERS[transformers])
+    session.install("--no-deps", "-e", str(HERE))
+    # The wheel only (`pip download llamafactory==0.9.5 --no-deps`), kept in the session's virtualenv.
+    wheels = Path(session.virtualenv.location, "llamafactory")
+    version = session.run(
+        "python", "-c", "from importlib.metadata import version; print(version('transformers'))", silent=True
+    ).strip()
+    out = Path(os.environ.get("MOECONF_CLIENT_RESULTS", str(HERE / CLIENT_RESULTS)), "llamafactory", version)
+    session.run(
+        "python",
+        "-m",
+        "clients.llamafactory.run",
+        "--wheel-dir",
+        str(wheels),
+        "--out",
+        str(out),
+        env={"DS_ACCELERATOR": "cpu"},
+    )
