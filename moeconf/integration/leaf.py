@@ -105,7 +105,9 @@ def _audit_entry(leaf_fn: LeafFunction, entry: ArchEntry, required: bool, ranks:
     try:
         runs, blocks = _run_on_ranks(leaf_fn, entry, ranks, zero3)
     except _LeafRaised as exc:
-        return [result("leaf_marks", "fail", f"{ref} {exc}")] + [
+        # The blocks it should have marked, so the record names the class the function missed.
+        expected = _names(moe_blocks(tiny_model(entry, device="meta"), entry))
+        return [result("leaf_marks", "fail", f"{ref} {exc}", expected=expected)] + [
             result(c, "skip", "not judged: the leaf function raised (see leaf_marks)") for c in LEAF_CHECKS[1:]
         ]
     expected = _names(blocks)
