@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moeconf.backends import HFBlockBackend, Observation, RunRequest
+from moeconf.hf.block import Recording
 from moeconf.registry import ArchEntry
 
 
@@ -56,6 +57,57 @@ class _IgnoresPadding(HFBlockBackend):
 
 
 aux_ignores_padding = _IgnoresPadding("aux-ignores-padding")
+
+
+# --- aux_loss: the framework's router is not what the model's recorder targets ----------------------
+# A fused router (same weight, same math, its own class) routes correctly, but the model's output
+# recorder targets the shipped router class: it records nothing for this layer, which silently drops
+# out of the model's aux loss. A hook on the router submodule would still see the right logits.
+def _router_of_another_class(block: nn.Module, entry: ArchEntry) -> None:
+    shipped = block.get_submodule(entry.router_path)
+
+    class FusedRouter(nn.Module):
+        forward = type(shipped).forward
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.__dict__.update({k: v for k, v in vars(shipped).items() if not k.startswith("_")})
+            for name, param in shipped.named_parameters(recurse=False):
+                self.register_parameter(name, param)  # the same tensors: parameter paths are kept
+
+    owner, _, attr = entry.router_path.rpartition(".")
+    setattr(block.get_submodule(owner) if owner else block, attr, FusedRouter())
+
+
+router_not_recorded = HFBlockBackend("router-not-recorded", patch=_router_of_another_class)
+
+
+# --- aux_loss: the recorded router logits replaced by uniform (zero) logits; routing untouched ------
+def _uniform_recorded_logits(block: nn.Module, entry: ArchEntry) -> None:
+    _replace_router_output(block, entry, lambda logits, w, i: (torch.zeros_like(logits), w, i))
+
+
+recorded_logits_uniform = HFBlockBackend("recorded-logits-uniform", patch=_uniform_recorded_logits)
+
+
+# --- grad_aux_loss: aux loss on detached router logits (right value, no gradient) ------------------
+def _detach_recorded_logits(block: nn.Module, entry: ArchEntry) -> None:
+    _replace_router_output(block, entry, lambda logits, w, i: (logits.detach(), w, i))
+
+
+aux_on_detached_logits = HFBlockBackend("aux-on-detached-logits", patch=_detach_recorded_logits)
+
+
+# --- grad_aux_loss: the aux loss added to the total as a re-wrapped float (its graph lost) ---------
+class _AuxWithoutGraph(HFBlockBackend):
+    def losses(
+        self, entry: ArchEntry, rec: Recording, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        aux, z = super().losses(entry, rec, attention_mask)
+        return (None if aux is None else torch.tensor(aux.item())), z
+
+
+aux_without_graph = _AuxWithoutGraph("aux-without-graph")
 
 
 # --- grad_router: routing weights detached from the router --------------------------------------
@@ -145,6 +197,10 @@ SEEDED: dict[str, tuple[str, set[str], set[str]]] = {
     "gate_up_swapped": ("mixtral", {"output", "grad_experts"}, {"routing", "routing_weights"}),
     "aux_from_probs": ("mixtral", {"aux_loss"}, {"output", "routing"}),
     "aux_ignores_padding": ("qwen3_moe", {"aux_loss"}, {"output"}),
+    "router_not_recorded": ("mixtral", {"aux_loss", "grad_aux_loss"}, {"output", "routing", "grad_router"}),
+    "recorded_logits_uniform": ("qwen3_moe", {"aux_loss"}, {"output", "routing_weights", "grad_router"}),
+    "aux_on_detached_logits": ("mixtral", {"grad_aux_loss"}, {"aux_loss", "output", "grad_router"}),
+    "aux_without_graph": ("olmoe", {"grad_aux_loss"}, {"aux_loss", "output", "grad_router"}),
     "router_grad_detached": ("qwen3_moe", {"grad_router"}, {"output", "routing_weights"}),
     "expert_skipped": ("olmoe", {"output", "grad_experts"}, {"routing"}),
     "selection_bias_ignored": ("deepseek_v3", {"routing"}, set()),

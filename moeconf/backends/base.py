@@ -54,6 +54,13 @@ class Observation:
         router_logits: ``[N, E]`` what the framework records as router logits (``output_router_logits``).
         aux_loss: load-balancing loss as the framework computes it from its recorded router output.
         z_loss: router z-loss as the framework computes it.
+        recorded_router_logits: how many router-logit tensors the framework's recorder collected
+            from the block in the forward (the model computes its losses from them): 1 is right; 0
+            means the layer drops out of the aux loss, 2 that it counts twice. None: not observed.
+        aux_loss_grads: gradient of ``aux_loss`` itself w.r.t. ``"input"`` and the router's trained
+            parameters (canonical ``router.*`` names), taken on the loss's own graph; None values
+            where the loss does not reach them (it cannot train the router). None: not observed.
+        z_loss_grads: the same for ``z_loss``.
         grads: canonical parameter name (and ``"input"``) → gradient; None where the framework left
             ``.grad`` unset.
         missing_grads: per-expert slices whose ``.grad`` was None, e.g. ``"experts.w_up[3]"`` (an
@@ -67,6 +74,9 @@ class Observation:
     router_logits: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    recorded_router_logits: int | None = None
+    aux_loss_grads: dict[str, torch.Tensor | None] | None = None
+    z_loss_grads: dict[str, torch.Tensor | None] | None = None
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     missing_grads: tuple[str, ...] = ()
 

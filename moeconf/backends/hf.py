@@ -10,7 +10,7 @@ block: ``patch(block, entry)`` may modify the block in place or return a replace
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,12 +20,13 @@ from moeconf.backends.base import Observation, RunRequest
 from moeconf.backends.dense import apply_dense_patch, dense_reason
 from moeconf.devices import device_available
 from moeconf.hf.block import (
+    Recording,
     build_block,
     canonical_grads,
     cast_like_from_pretrained,
     framework_losses,
     load_params,
-    Recording,
+    loss_gradients,
     recording,
 )
 from moeconf.registry.entry import ArchEntry
@@ -73,11 +74,32 @@ class HFBlockBackend:
         hidden = request.hidden.to(device=request.device, dtype=request.dtype).requires_grad_(True)
         with recording(entry, block) as rec:
             out = _first(block(hidden)).reshape(hidden.shape)
+        aux, z = self.losses(entry, rec, request.attention_mask)
+        # Before the output's backward: the losses' gradients are taken on their own graph.
+        loss_grads = loss_gradients(entry, block, hidden, {"aux_loss": aux, "z_loss": z})
         out.backward(request.grad_output.to(device=request.device, dtype=request.dtype))
 
         grads, missing = canonical_grads(entry, block)
         grads["input"] = hidden.grad
-        return observation_of(entry, rec, out, request.attention_mask, grads, missing)
+        return observation_of(
+            entry, rec, out, request.attention_mask, grads, missing, losses=(aux, z), loss_grads=loss_grads
+        )
+
+    def losses(
+        self, entry: ArchEntry, rec: Recording, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(aux_loss, z_loss)`` with their graphs, as the model computes them from what its
+        recorder collected (a framework that computes its losses its own way overrides this)."""
+        return framework_losses(entry, recorded_router_logits(entry, rec), attention_mask)
+
+
+def recorded_router_logits(entry: ArchEntry, rec: Recording) -> list[torch.Tensor]:
+    """The router logits the model's losses are computed from: what its recorder collected, or
+    (no recorder to reuse) the router submodule's output."""
+    if rec.recorded_logits is not None:
+        return list(rec.recorded_logits)
+    logits = rec.hooked_router_logits(entry)
+    return [] if logits is None else [logits]
 
 
 def observation_of(
@@ -87,20 +109,29 @@ def observation_of(
     attention_mask: torch.Tensor,
     grads: dict[str, torch.Tensor | None],
     missing: tuple[str, ...],
+    losses: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    loss_grads: Mapping[str, dict[str, torch.Tensor | None]] | None = None,
 ) -> Observation:
     """What a HF block showed in one forward/backward: its output, the routing and router output
-    its hooks recorded, the model's own aux/z losses from that recording, and the gradients.
+    its hooks recorded, the model's own aux/z losses from what the model's recorder collected
+    (``losses`` when the caller computed them already), their gradients where the caller took them
+    (``loss_gradients``, before the backward), and the parameter gradients.
     Shared by the single-process backends and every rank of the multi-rank ones."""
-    logits = rec.router_logits(entry)
     index, weights = rec.routing(entry)
-    aux, z = framework_losses(entry, logits, attention_mask)
+    aux, z = (
+        losses if losses is not None else framework_losses(entry, recorded_router_logits(entry, rec), attention_mask)
+    )
+    loss_grads = loss_grads or {}
     return Observation(
         output=output.detach(),
         topk_index=index,
         topk_weights=_detach(weights),
-        router_logits=_detach(logits),
+        router_logits=_detach(rec.router_logits(entry)),
         aux_loss=_detach(aux),
         z_loss=_detach(z),
+        recorded_router_logits=rec.recorded_count,
+        aux_loss_grads=loss_grads.get("aux_loss"),
+        z_loss_grads=loss_grads.get("z_loss"),
         grads=grads,
         missing_grads=missing,
     )

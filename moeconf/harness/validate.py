@@ -117,16 +117,16 @@ def _routing(obs: Observation, tokens: int, top_k: int, width: int, form: _Form)
             raise MalformedObservation(f"router_logits: expected shape [{tokens}, E], got {describe(logits)}")
 
 
-def _grads(grads: object, expected: Mapping[str, tuple[int, ...]], form: _Form) -> None:
+def _grads(grads: object, expected: Mapping[str, tuple[int, ...]], form: _Form, what: str = "grads") -> None:
     if not isinstance(grads, Mapping):
-        raise MalformedObservation(f"grads: expected a dict of canonical name -> tensor, got {describe(grads)}")
+        raise MalformedObservation(f"{what}: expected a dict of canonical name -> tensor, got {describe(grads)}")
     for name, grad in grads.items():
         if name not in expected:
             known = ", ".join(expected)
-            raise MalformedObservation(f"grads: unknown parameter {name!r} (canonical names: {known})")
+            raise MalformedObservation(f"{what}: unknown parameter {name!r} (canonical names: {known})")
         if grad is None or name in NOT_TRAINED:  # a buffer's grad is never compared
             continue
-        field = f"grads[{name!r}]"
+        field = f"{what}[{name!r}]"
         tensor = _tensor(field, grad, form.readable)
         if name == "input":
             _dtype(field, tensor, form.compute, "the compute dtype: the input's gradient has the input's dtype")
@@ -157,6 +157,14 @@ def validate_observation(obs: object, request: RunRequest) -> Observation:
     expected = {**param_shapes(spec), "input": hidden_shape}
     _grads(obs.grads, expected, form)
     _missing_grads(obs.missing_grads)
+    # The losses' own gradients: w.r.t. the input and the router's parameters only.
+    router = {k: v for k, v in expected.items() if k == "input" or k.startswith("router.")}
+    for what in ("aux_loss_grads", "z_loss_grads"):
+        if getattr(obs, what) is not None:
+            _grads(getattr(obs, what), router, form, what)
+    count = obs.recorded_router_logits
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise MalformedObservation(f"recorded_router_logits: expected an int >= 0 or None, got {describe(count)}")
     return obs
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeconf.params import Params, param_shapes
+from moeconf.params import NOT_TRAINED, Params, param_shapes
 from moeconf.registry.entry import ArchEntry
 from moeconf.registry.layouts import LAYOUTS, split_to_canonical
 
@@ -200,17 +200,41 @@ def canonical_grads(entry: ArchEntry, block: nn.Module) -> tuple[dict[str, torch
 
 @dataclass
 class Recording:
-    """What the hooks saw during one forward."""
+    """What the hooks saw during one forward.
+
+    Attributes:
+        router_output: the router submodule's output (``entry.router_path``), for the routing.
+        experts_args, experts_kwargs: the experts call's arguments, for the routing.
+        recorded_logits: what the *model's* output recorder collected under ``router_logits`` for
+            this block (``_can_record_outputs`` → ``MoeModelOutputWithPast.router_logits``): one
+            tensor per router call it matched. None where the architecture has no aux/z loss or
+            the installed transformers has no recorder to reuse (4.x): the router's own output
+            stands in.
+    """
 
     router_output: Any = None
     experts_args: tuple[Any, ...] = ()
     experts_kwargs: dict[str, Any] = field(default_factory=dict)
+    recorded_logits: list[torch.Tensor] | None = None
 
     def router_logits(self, entry: ArchEntry) -> torch.Tensor | None:
+        """The router logits as the model records them (the single recorded tensor); None if
+        nothing, or more than one tensor, was recorded (``recorded_count`` says which)."""
+        if self.recorded_logits is not None:
+            return self.recorded_logits[0] if len(self.recorded_logits) == 1 else None
+        return self.hooked_router_logits(entry)
+
+    def hooked_router_logits(self, entry: ArchEntry) -> torch.Tensor | None:
+        """The logits in the router submodule's output (where the registry says they sit)."""
         out = self.router_output
         if out is None or entry.routing_from == "router_index_weights":
             return None
         return out if entry.router_logits_index is None else out[entry.router_logits_index]
+
+    @property
+    def recorded_count(self) -> int | None:
+        """How many router-logit tensors the model's recorder collected (None: no recorder)."""
+        return None if self.recorded_logits is None else len(self.recorded_logits)
 
     def routing(self, entry: ArchEntry) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(topk_index [N, k], topk_weights [N, k])`` as the block used them."""
@@ -230,9 +254,102 @@ class Recording:
         return args[1], args[2]
 
 
+def _output_capturing() -> Any:
+    """transformers' output-capturing module (5.x), or None where it does not exist (4.x)."""
+    try:
+        return importlib.import_module("transformers.utils.output_capturing")
+    except ImportError:
+        return None
+
+
+_RECORDERS: dict[tuple[str, str, str, str], tuple[tuple[Any, ...], str]] = {}
+
+
+def router_logits_recorders(entry: ArchEntry) -> tuple[tuple[Any, ...], str] | None:
+    """``(OutputRecorder specs, block name)`` with which the entry's model records ``router_logits``.
+
+    The specs are the ``_can_record_outputs["router_logits"]`` of the innermost ``PreTrainedModel``
+    that holds the block in a tiny ``entry.model_class`` model (a composite model's text model has
+    its own), normalised as transformers normalises them; the name is the block's path inside that
+    model, as the recorder's ``layer_name`` / ``class_name`` rules see it. None on transformers 4.x.
+
+    NOTE: built on the meta device (no memory, no initialisation) once per model and tiny config
+    (``moeconf discover`` makes many entries of one model): the recorder's target is a class and
+    an index that only the model declares, not the block.
+    """
+    capturing = _output_capturing()
+    if capturing is None:
+        return None
+    key = (entry.config_class, entry.model_class, entry.block_path, repr(entry.config_kwargs))
+    if key not in _RECORDERS:
+        _RECORDERS[key] = _find_recorders(entry, capturing)
+    return _RECORDERS[key]
+
+
+def _find_recorders(entry: ArchEntry, capturing: Any) -> tuple[tuple[Any, ...], str]:
+    import transformers
+    from transformers import PreTrainedModel
+
+    try:
+        model_cls = getattr(transformers, entry.model_class)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = model_cls(build_config(entry))
+        model.get_submodule(entry.block_path)
+    except Exception as exc:  # whatever the model raises, the entry does not fit the installed transformers
+        raise EntryError(
+            f"{entry.model_type}: cannot build a tiny {entry.model_class} to find what it records as "
+            f"router logits: {type(exc).__name__}: {exc}"
+        ) from exc
+    parts = entry.block_path.split(".")
+    owner, owner_depth = model, 0
+    for depth in range(1, len(parts)):
+        module = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, PreTrainedModel):
+            owner, owner_depth = module, depth
+    specs = capturing._CAN_RECORD_REGISTRY.get(owner).get("router_logits")
+    if specs is None:
+        specs = getattr(type(owner), "_can_record_outputs", None) or {}
+        specs = specs.get("router_logits") if isinstance(specs, dict) else None
+    if specs is None:
+        return (), ""
+    normalised = []
+    for spec in specs if isinstance(specs, list) else [specs]:
+        if not isinstance(spec, capturing.OutputRecorder):  # as install_all_output_capturing_hooks does
+            spec = capturing.OutputRecorder(
+                target_class=None if isinstance(spec, str) else spec,
+                index=1,
+                class_name=spec if isinstance(spec, str) else None,
+            )
+        normalised.append(spec)
+    return tuple(normalised), "." + ".".join(parts[owner_depth:])
+
+
+def _install_model_recorder(entry: ArchEntry, block: nn.Module) -> bool:
+    """Install the model's own ``router_logits`` capturing hooks on the block (once per block).
+
+    NOTE: transformers' hooks (``recursively_install_hooks``) rather than a copy of their matching
+    rules: whatever the model would collect for this block, and only that, is what the aux loss is
+    computed from. The hooks stay (transformers' cannot be removed) but do nothing outside an
+    active collector, exactly as in a model.
+    """
+    if getattr(block, "_moeconf_router_recorder", False):
+        return True
+    if entry.spec.losses.aux == "none" and not entry.spec.losses.z_loss:
+        return False  # only the losses read the recording; no model to build for the rest
+    recorders = router_logits_recorders(entry)
+    if recorders is None:
+        return False
+    specs, name = recorders
+    capturing = _output_capturing()
+    capturing.recursively_install_hooks(block, name, [("router_logits", spec) for spec in specs])
+    setattr(block, "_moeconf_router_recorder", True)  # noqa: B010 - a marker on a module, not an attribute it defines
+    return True
+
+
 @contextmanager
 def recording(entry: ArchEntry, block: nn.Module) -> Iterator[Recording]:
-    """Hooks on the router (its output) and the experts (their call arguments), removed on exit."""
+    """Hooks on the router (its output) and the experts (their call arguments), removed on exit;
+    and the model's own ``router_logits`` recorder, collecting while the context is open."""
     rec = Recording()
 
     def on_router(_module: nn.Module, _args: Any, output: Any) -> None:
@@ -244,9 +361,18 @@ def recording(entry: ArchEntry, block: nn.Module) -> Iterator[Recording]:
     handles = [block.get_submodule(entry.router_path).register_forward_hook(on_router)]
     if entry.routing_from == "experts_call":
         handles.append(block.get_submodule(entry.experts_path).register_forward_pre_hook(on_experts, with_kwargs=True))
+    capturing = _output_capturing() if _install_model_recorder(entry, block) else None
+    token = None
+    if capturing is not None:
+        # The collector capture_outputs opens around a model's forward with output_router_logits.
+        collected: dict[str, list[torch.Tensor]] = {"router_logits": []}
+        token = capturing._active_collector.set(collected)
+        rec.recorded_logits = collected["router_logits"]
     try:
         yield rec
     finally:
+        if capturing is not None:
+            capturing._active_collector.reset(token)
         for handle in handles:
             handle.remove()
 
@@ -260,18 +386,50 @@ def framework_loss_fn(entry: ArchEntry, name: str) -> Any:
 
 
 def framework_losses(
-    entry: ArchEntry, router_logits: torch.Tensor | None, attention_mask: torch.Tensor
+    entry: ArchEntry, recorded: Sequence[torch.Tensor], attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(aux_loss, z_loss)`` as the model computes them from the router output it records, with
+    """``(aux_loss, z_loss)`` as the model computes them from the router logits its recorder
+    collected for the block (``recorded``: one tensor per recorded router call, normally one), with
     the modeling module's own ``load_balancing_loss_func`` / ``router_z_loss_func``; None where the
-    architecture has no such loss or nothing was recorded."""
+    architecture has no such loss or nothing was recorded. The losses keep their autograd graph
+    (the model adds them to the training loss)."""
     spec = entry.spec
-    if router_logits is None:
+    if not recorded:
         return None, None
     aux = z = None
     if spec.losses.aux == "switch":
-        mask = attention_mask.to(router_logits.device)
-        aux = framework_loss_fn(entry, "load_balancing_loss_func")((router_logits,), spec.num_experts, spec.top_k, mask)
+        mask = attention_mask.to(recorded[0].device)
+        aux = framework_loss_fn(entry, "load_balancing_loss_func")(tuple(recorded), spec.num_experts, spec.top_k, mask)
     if spec.losses.z_loss:
-        z = framework_loss_fn(entry, "router_z_loss_func")(router_logits)
+        z = framework_loss_fn(entry, "router_z_loss_func")(torch.cat(tuple(recorded)))
     return aux, z
+
+
+def loss_gradients(
+    entry: ArchEntry, block: nn.Module, hidden: torch.Tensor, losses: Mapping[str, torch.Tensor | None]
+) -> dict[str, dict[str, torch.Tensor | None]]:
+    """For each loss: its gradient w.r.t. the block input (``"input"``) and the router's trained
+    parameters (canonical ``router.*`` names), by ``torch.autograd.grad`` on the loss's own graph.
+
+    A loss without a graph (computed on detached logits, or a float re-wrapped as a tensor) gets
+    None for every gradient: it cannot train the router. Call before the output's backward (the
+    graph is retained for it); ``.grad`` is left untouched.
+    """
+    router = {
+        path: p
+        for path, p in trained_tensors(entry, block).items()
+        if any(b.path == path and all(c.startswith("router.") for c in b.canonical) for b in entry.params)
+    }
+    out: dict[str, dict[str, torch.Tensor | None]] = {}
+    for name, loss in losses.items():
+        if loss is None:
+            continue
+        grads: tuple[torch.Tensor | None, ...] = (None,) * (1 + len(router))
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            grads = torch.autograd.grad(loss, [hidden, *router.values()], retain_graph=True, allow_unused=True)
+        canonical, _ = to_canonical(entry, dict(zip(router, grads[1:])))
+        out[name] = {
+            "input": grads[0],
+            **{k: v for k, v in canonical.items() if k.startswith("router.") and k not in NOT_TRAINED},
+        }
+    return out

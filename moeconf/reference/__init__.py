@@ -3,7 +3,13 @@ output, losses and (through autograd) gradients for every spec."""
 
 from moeconf.reference.dispatch import Dispatch, grouped_matmul, make_dispatch, permute, unpermute
 from moeconf.reference.losses import aux_selection_margin, load_balancing_loss, router_z_loss
-from moeconf.reference.moe import ReferenceResult, expert_mlp, reference_forward, reference_gradients
+from moeconf.reference.moe import (
+    ReferenceResult,
+    expert_mlp,
+    reference_forward,
+    reference_gradients,
+    reference_loss_gradients,
+)
 from moeconf.reference.router import Routing, route, router_logits
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "permute",
     "reference_forward",
     "reference_gradients",
+    "reference_loss_gradients",
     "route",
     "router_logits",
     "router_z_loss",

@@ -160,3 +160,38 @@ def reference_gradients(
     for name, grad in zip(trained, grads[1:]):
         result[name] = grad if grad is not None else torch.zeros_like(leaves[name])
     return result
+
+
+def reference_loss_gradients(
+    spec: MoESpec, params: Params, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Gradients of each router loss of the spec (``"aux_loss"``, ``"z_loss"``) w.r.t. the input
+    (``"input"``) and the router's trained parameters: what training the router with that loss means.
+
+    Only the router enters the losses, so only it is run. The aux loss's top-k counts ``f_e`` carry
+    no gradient (a selection); its mean probabilities ``P_e`` do (``load_balancing_loss``).
+    """
+    losses = {"aux_loss": spec.losses.aux == "switch", "z_loss": spec.losses.z_loss}
+    if not any(losses.values()):
+        return {}
+    trained = [k for k in params if k.startswith("router.") and k not in NOT_TRAINED]
+    leaves = {k: v.detach().clone().requires_grad_(k in trained) for k, v in params.items()}
+    x = x.detach().clone().requires_grad_(True)
+    b, s, h = x.shape
+    logits = route(spec, leaves, x.reshape(b * s, h), tokens_per_sequence=s).logits
+    values = {
+        "aux_loss": lambda: load_balancing_loss(logits, spec.top_k, attention_mask),
+        "z_loss": lambda: router_z_loss(logits, attention_mask),
+    }
+    result = {}
+    for name, present in losses.items():
+        if not present:
+            continue
+        grads = torch.autograd.grad(
+            values[name](), [x] + [leaves[k] for k in trained], retain_graph=True, allow_unused=True
+        )
+        result[name] = {
+            name_: grad if grad is not None else torch.zeros_like(leaf)
+            for name_, grad, leaf in zip(["input", *trained], grads, [x] + [leaves[k] for k in trained])
+        }
+    return result

@@ -198,7 +198,8 @@ def test_sigterm_during_a_multi_rank_run_ends_with_143_and_no_rank_left(tmp_path
     assert "Traceback" not in err and out == ""
     lines = err.strip().splitlines()
     # 8. progress named the unit before it started (it never ended), then the one-line verdict.
-    assert lines[0].split() == ["mixtral", f"{DOOR}:SleepyRanks", "fp32", "cpu", "..."], err
+    # (The backend by its display name: the repro lines keep the import path.)
+    assert lines[0].split() == ["mixtral", "door-sleepy-ranks", "fp32", "cpu", "..."], err
     assert lines[-1].startswith("moeconf: interrupted by SIGTERM: 0 records checked; no report written to stdout")
     assert len(lines) == 2, err
     deadline = time.monotonic() + 10  # SIGKILLed ranks are reaped by init: give it a moment
@@ -486,7 +487,7 @@ def test_skip_reasons_are_listed_once_with_counts(capsys: pytest.CaptureFixture[
     assert main(["check", "--arch", "dbrx", "mixtral", "--backend", "hf-grouped-mm", "--case", "random"]) == 0
     out, err = capsys.readouterr()
     skip_lines = [line for line in out.splitlines() if line.startswith("- ") and "(hf-grouped-mm)" in line]
-    assert len(skip_lines) == 1 and skip_lines[0].startswith("- 7 records (hf-grouped-mm): "), out
+    assert len(skip_lines) == 1 and skip_lines[0].startswith("- 8 records (hf-grouped-mm): "), out
     # 8. a start line names each (arch, backend, dtype) before it runs, then the case line.
     lines = err.splitlines()
     assert lines.index(next(x for x in lines if x.split()[:2] == ["mixtral", "hf-grouped-mm"])) < len(lines) - 1

@@ -20,8 +20,8 @@ from torch import nn
 from moeconf.hf.block import EntryError
 from moeconf.registry.entry import ArchEntry
 from moeconf.spec import MoESpec
-from moeconf.tools.audit import _brief as brief
-from moeconf.tools.audit import _configs as sub_configs
+from moeconf.tools.audit import brief_error as brief
+from moeconf.tools.audit import config_tree as sub_configs
 from moeconf.tools.discover.config import LAYER_COUNTS, drop_key, nested_keys, shrink_kwargs
 
 ROUTER_NAME = re.compile(r"router|gate|gating", re.IGNORECASE)

@@ -28,7 +28,7 @@ from moeconf.params import Params, param_shapes, round_through
 from moeconf.reference import ReferenceResult, reference_forward, route
 from moeconf.registry.entry import ArchEntry, Binding
 from moeconf.spec import MoESpec
-from moeconf.tools.audit import _brief as brief
+from moeconf.tools.audit import brief_error as brief
 
 DTYPE = "fp32"
 """Candidates are judged in fp32: tight tolerances, so a wrong formula cannot pass."""

@@ -16,7 +16,7 @@ from typing import Any
 import moeconf.tools.discover.candidates as router_space
 from moeconf.harness.engine import CheckResult
 from moeconf.registry.entry import ArchEntry
-from moeconf.tools.audit import _brief as brief
+from moeconf.tools.audit import brief_error as brief
 from moeconf.tools.discover.bindings import Form, expert_forms, extra_forms, shared_forms
 from moeconf.tools.discover.candidates import BlockReading, RouterCandidate, losses_of, simplicity, source_affinity
 from moeconf.tools.discover.facts import read_block
