@@ -5,7 +5,10 @@ transformers' experts implementation (only experts classes decorated with
 ``@use_experts_implementation`` accept it; the others are reported unsupported).
 
 ``HFBlockBackend(name, patch=...)`` is also the easiest way for a framework to gate its own patched
-block: ``patch(block, entry)`` may modify the block in place or return a replacement module.
+block: ``patch(block, entry)`` may modify the block in place or return a replacement module. A
+framework that picks its patch from the model (its config's ``architectures``, its module tree) gives
+``model_patch(model, entry)`` instead: it gets a tiny full model, and the block it leaves at the
+entry's block path is the one checked.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from moeconf.devices import device_available
 from moeconf.hf.block import (
     Recording,
     build_block,
+    build_model_block,
     canonical_grads,
     cast_like_from_pretrained,
     framework_losses,
@@ -32,6 +36,7 @@ from moeconf.hf.block import (
 from moeconf.registry.entry import ArchEntry
 
 BlockPatch = Callable[[nn.Module, ArchEntry], nn.Module | None]
+ModelPatch = Callable[[nn.Module, ArchEntry], nn.Module | None]
 
 
 class HFBlockBackend:
@@ -42,15 +47,25 @@ class HFBlockBackend:
         experts_implementation: ``"eager"``, ``"grouped_mm"`` or ``"batched_mm"``.
         patch: optional ``patch(block, entry) -> module | None`` applied after parameters are loaded.
             A returned replacement must keep the entry's parameter paths (gradients are read there).
+        model_patch: optional ``model_patch(model, entry) -> model | None`` applied to a tiny full
+            ``entry.model_class`` model before parameters are loaded; the block checked is the module
+            at ``entry.block_path`` afterwards. Both patches may be given (model first).
     """
 
     devices = ("cpu", "cuda", "npu")
     dtypes = ("fp32", "bf16")
 
-    def __init__(self, name: str, experts_implementation: str = "eager", patch: BlockPatch | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        experts_implementation: str = "eager",
+        patch: BlockPatch | None = None,
+        model_patch: ModelPatch | None = None,
+    ) -> None:
         self.name = name
         self.experts_implementation = experts_implementation
         self.patch = patch
+        self.model_patch = model_patch
 
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
         if not device_available(device):
@@ -61,7 +76,10 @@ class HFBlockBackend:
 
     def prepare(self, request: RunRequest) -> nn.Module:
         """Build the block, load the request's parameters, apply the patch; on the request's device/dtype."""
-        block = build_block(request.entry, self.experts_implementation)
+        if self.model_patch is not None:
+            block = build_model_block(request.entry, self.experts_implementation, self.model_patch)
+        else:
+            block = build_block(request.entry, self.experts_implementation)
         load_params(request.entry, block, request.params)
         block = cast_like_from_pretrained(request.entry, block.to(request.device), request.dtype)
         if self.patch is not None:

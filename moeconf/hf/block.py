@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -62,6 +62,36 @@ def build_block(entry: ArchEntry, experts_implementation: str | None = None) -> 
         config._experts_implementation = experts_implementation
     cls = block_class(entry)
     return cls(config, layer_idx=0) if entry.block_init == "config_and_layer_idx" else cls(config)
+
+
+def build_model_block(
+    entry: ArchEntry,
+    experts_implementation: str | None,
+    model_patch: Callable[[nn.Module, ArchEntry], nn.Module | None],
+) -> nn.Module:
+    """The block as a framework's *model-level* patch leaves it, on CPU in float32.
+
+    Frameworks choose their patch from the model (``config.architectures``, the class of the model or
+    of its layers) and apply it to the model: so the patch gets a tiny full ``entry.model_class``
+    (seeded, ``config.architectures`` set as a checkpoint's config has it), and the block is what sits
+    at ``entry.block_path`` afterwards (a patch may replace it). The caller loads the parameters.
+    """
+    import transformers
+
+    config = build_config(entry)
+    config.architectures = [entry.model_class]
+    if experts_implementation is not None:
+        block_config(entry, config)._experts_implementation = experts_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(transformers, entry.model_class)(config)
+    model = model_patch(model, entry) or model
+    try:
+        return model.get_submodule(entry.block_path)
+    except AttributeError:
+        raise EntryError(
+            f"{entry.model_type}: after the model patch there is no module at {entry.block_path}"
+        ) from None
 
 
 @cache
