@@ -2,10 +2,11 @@
 clients.llamafactory.npu_backend:BACKEND``).
 
 The block is transformers' as shipped (router, shared experts, parameters: moeconf's ``HFBlockBackend``);
-the patch does what ``NpuFusedMoEKernel.apply`` does in ``npu_fused_moe.py``: pick the mapping of
-``kernel_moe_mapping`` for the model's architecture (here the registry entry's ``model_class``, what a
-checkpoint's ``config.architectures`` names) and bind each mapped forward to every module of the mapped
-class (``module.forward = types.MethodType(fn, module)``). ``apply`` itself is not called: it refuses to
+the patch is a *model* patch (``HFBlockBackend(model_patch=...)``: it gets a tiny full model whose
+``config.architectures`` is set as a checkpoint's) and does what ``NpuFusedMoEKernel.apply`` does in
+``npu_fused_moe.py``: pick the mapping of ``kernel_moe_mapping`` for the first of the model's
+``config.architectures`` it knows, and bind each mapped forward to every module of the mapped class
+in the model (``module.forward = types.MethodType(fn, module)``). ``apply`` itself is not called: it refuses to
 run unless the current accelerator is an NPU (``check_deps``), and on a CPU ``@register_kernel`` leaves
 the class name bound to None. The ops are the real torch_npu on an Ascend device, moeconf's emulator
 elsewhere (``loader.load_npu_fused_moe``), under the release rules of ``MOECONF_TORCH_NPU_RULES``.
@@ -30,7 +31,7 @@ class LlamaFactoryNpuFusedMoe(HFBlockBackend):
     dtypes = ("fp32", "bf16")
 
     def __init__(self, name: str = "llamafactory-npu-fused-moe") -> None:
-        super().__init__(name, "eager", patch=self._apply)
+        super().__init__(name, "eager", model_patch=self._apply)
 
     @staticmethod
     def kernel() -> ModuleType:
@@ -47,18 +48,21 @@ class LlamaFactoryNpuFusedMoe(HFBlockBackend):
             return f"LLaMA-Factory's npu_fused_moe does not patch {entry.model_class}"
         return super().supports(entry, dtype, device)
 
-    def _apply(self, block: nn.Module, entry: ArchEntry) -> None:
-        mapping = self.mapping(entry) or {}
+    def _apply(self, model: nn.Module, entry: ArchEntry) -> None:
+        mappings = self.kernel().kernel_moe_mapping
+        # npu_fused_moe.py, NpuFusedMoEKernel.apply: the first known architecture, then the same loop.
+        archs = getattr(model.config, "architectures", None) or []
+        mapping = next((mappings[a] for a in archs if a in mappings), None) or {}
         patched = []
-        for module in block.modules():  # npu_fused_moe.py, NpuFusedMoEKernel.apply: the same loop
+        for module in model.modules():
             forward = mapping.get(module.__class__.__name__)
             if forward is not None:
                 module.forward = types.MethodType(forward, module)
                 patched.append(module.__class__.__name__)
         if not patched:
             raise BackendError(
-                f"kernel_moe_mapping[{entry.model_class!r}] names {sorted(mapping)}, none of which is in "
-                f"{entry.block_class}: the kernel would leave this model unpatched"
+                f"kernel_moe_mapping for {archs} names {sorted(mapping)}, none of which is in a tiny "
+                f"{entry.model_class}: the kernel would leave this model unpatched"
             )
 
 

@@ -61,6 +61,15 @@ def _partitioned(name: str) -> Callable[[], Backend]:
     return load
 
 
+def _expert_parallel(name: str) -> Callable[[], Backend]:
+    def load() -> Backend:
+        from moeconf.backends.ep_alltoall import EP_BACKENDS
+
+        return next(b for b in EP_BACKENDS if b.name == name)
+
+    return load
+
+
 BUILTIN: dict[str, Callable[[], Backend]] = {
     "hf-eager": _builtin("hf", "HF_EAGER"),
     "hf-grouped-mm": _builtin("hf", "HF_GROUPED_MM"),
@@ -69,6 +78,10 @@ BUILTIN: dict[str, Callable[[], Backend]] = {
     "grouped-mm": _builtin("grouped_mm", "GROUPED_MM"),
     "npu-gmm": _builtin("npu_gmm", "NPU_GMM"),
     **{name: _partitioned(name) for name in ("zero3-leaf", "zero3", "zero2-dense", "zero2", "fsdp2-dense", "fsdp2")},
+    **{
+        name: _expert_parallel(name)
+        for name in ("ep-alltoall", "ep-alltoall-4", "ep-alltoall-wrong-splits", "ep-alltoall-no-count-exchange")
+    },
 }
 ENTRY_POINT_GROUP = "moeconf.backends"
 

@@ -65,7 +65,14 @@ def test_partitioned_backend_matches_the_reference(arch: str, backend: str, dtyp
 # What the negative controls do. Under 4.57 every one must be caught; under 5.x this records the
 # observed behaviour (fused 3-D experts give every expert a gradient, so ZeRO-2/FSDP2 stay in step),
 # and the test fails if it changes.
-CAUGHT_UNDER_5X = {"zero3": True, "zero2": False, "fsdp2": False}
+CAUGHT_UNDER_5X = {
+    "zero3": True,
+    "zero2": False,
+    "fsdp2": False,
+    # expert parallelism (moeconf.backends.ep_alltoall): mismatched all_to_all splits crash the ranks
+    "ep-alltoall-wrong-splits": True,
+    "ep-alltoall-no-count-exchange": True,
+}
 CONTROL_DEADLINE_S = 90.0
 
 
@@ -77,6 +84,9 @@ def test_negative_control(backend: str) -> None:
     # NOTE: shorter than the default deadline, so a hang is reported quickly, yet long enough for two
     # ranks to import torch + DeepSpeed on a loaded 2-core runner.
     control = dataclasses.replace(resolve_backend(backend), deadline_s=CONTROL_DEADLINE_S)
+    reason = control.supports(entry, "fp32", "cpu")
+    if reason is not None:  # e.g. expert parallelism on 4.x's per-expert modules: not a control at all
+        pytest.skip(reason)
     start = time.monotonic()
     try:
         control.run_session([], steps)
