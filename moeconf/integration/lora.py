@@ -298,7 +298,7 @@ def audit_lora_experts(
         try:
             import peft  # noqa: F401
         except ImportError as exc:
-            return all_("setup", f"peft is not importable ({brief_error(exc)}): pip install 'moeconf[lora]'")
+            return all_("setup", f"peft is not importable ({brief_error(exc)}): pip install 'peft>=0.17'")
     paths, why = lora_paths(entry, target)
     if why is not None:
         return all_("skip", why)
