@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "integration": {"tools", "harness", "hf", "reference", "registry", "params", "spec"},
     "cli": {"tools", "bench", "harness", "backends", "registry", "devices", "distributed"},
     "__main__": {"cli"},
+    "partition": {"cli", "harness", "backends", "registry", "devices", "distributed"},
     "pytest_plugin": {"suites", "harness", "backends", "registry", "devices"},
     "__init__": set(),
 }

@@ -346,7 +346,11 @@ def _session_records(
     try:
         steps_request = None
         if want_steps:
-            steps_request, steps_ref = make_steps(entry, DTYPES[dtype], sel.device, seed=sel.seed)
+            # NOTE: a backend on a process group it did not launch (``moeconf.partition`` under
+            # torchrun) has as many ranks as the job; the local backends keep make_steps' 2.
+            world = getattr(backend, "steps_world_size", None)
+            kwargs = {} if world is None else {"world_size": world}
+            steps_request, steps_ref = make_steps(entry, DTYPES[dtype], sel.device, seed=sel.seed, **kwargs)
     except CaseError as exc:  # unusable adversarial inputs: a spec/case mismatch fails the launch
         results, steps_result = [exc] * len(prepared), exc
     else:
