@@ -18,18 +18,15 @@ from dataclasses import dataclass
 
 from moeconf.backends.base import (
     EnvironmentFault,
-    FailureKind,
     Observation,
-    RankFailure,
     RunRequest,
     StepsObservation,
     StepsRequest,
 )
 from moeconf.backends.ep_rank import Bug, EPJob, EPResult
 from moeconf.backends.fused_experts import standard_layout_reason
-from moeconf.backends.partitioned import environment_verdict, headline, preflight
+from moeconf.backends.partitioned import launch, preflight
 from moeconf.devices import SettingError, device_available, rank_deadline_s
-from moeconf.distributed import run_ranks
 from moeconf.registry.entry import ArchEntry
 
 
@@ -56,6 +53,8 @@ class EPAllToAllBackend:
     devices: tuple[str, ...] = ("cpu",)
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     rank_fn: str = "moeconf.backends.ep_rank:run_ep_job"
+    reuse_ranks: bool = True
+    """Sessions run on this backend's rank pool (see ``PartitionedBackend.reuse_ranks``)."""
 
     @property
     def negative_control(self) -> bool:
@@ -88,14 +87,7 @@ class EPAllToAllBackend:
         preflight(self.name, False)
         job = EPJob(entry=first.entry, dtype=first.dtype, cases=tuple(requests), steps=steps, bug=self.bug)
         env = {"TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-        result = run_ranks(self.rank_fn, (job,), world_size=self.world_size, deadline_s=deadline_s, env=env)
-        if result.status != "ok":
-            cause = environment_verdict(result)
-            if cause is not None:
-                raise EnvironmentFault(cause)
-            kind: FailureKind = "hang" if result.status == "deadlock" else "crash"
-            raise RankFailure(kind, headline(result), result.report(), result.run_id)
-        return list(result.results)
+        return launch(self.name, self.rank_fn, job, self.world_size, deadline_s, env, self.reuse_ranks)
 
     def run_session(
         self, requests: list[RunRequest], steps: StepsRequest | None

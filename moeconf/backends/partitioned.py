@@ -28,6 +28,7 @@ from pathlib import Path
 
 from moeconf.backends.base import (
     EnvironmentFault,
+    FailureKind,
     Observation,
     RankFailure,
     RunRequest,
@@ -40,7 +41,7 @@ from moeconf.devices import SettingError, device_available, rank_deadline_s
 from moeconf.distributed import MultiRankResult, RankOutcome, run_ranks
 from moeconf.distributed.deepspeed_env import LOCK_WAIT_S, extensions_fix, extensions_root, prepare_deepspeed_cpu
 from moeconf.distributed.environment import EnvironmentProblem, check_free_port, check_temp_dir, environment_cause
-from moeconf.distributed.launcher import importing_module
+from moeconf.distributed.launcher import importing_module, pooled_run
 from moeconf.registry.entry import ArchEntry
 
 HEADLINE_MAX = 400
@@ -187,6 +188,31 @@ def headline(result: MultiRankResult) -> str:
     return _clip(f"crash: rank {failed.rank} {failed.describe_exit()}{without}{at}")
 
 
+def launch(
+    name: str, rank_fn: str, job: object, world_size: int, deadline_s: float, env: dict[str, str], reuse_ranks: bool
+) -> list:  # type: ignore[type-arg]
+    """Every rank's return value of ``rank_fn(job)``: on the pool of (``name``, ``rank_fn``,
+    ``world_size``, ``env``) when ``reuse_ranks``, else on fresh ranks. ``RankFailure`` on a hang or
+    a dead rank (the pool is then gone; the next session gets a fresh one), ``EnvironmentFault``
+    when the machine is at fault.
+
+    The key holds the backend's name so that two backends never share processes: a negative
+    control's rank state (a DeepSpeed config switched off, a patched function) cannot reach the
+    real backend's jobs."""
+    if reuse_ranks:
+        key = ("moeconf-backend", name, rank_fn, world_size, tuple(sorted(env.items())))
+        result = pooled_run(key, rank_fn, (job,), world_size=world_size, deadline_s=deadline_s, env=env)
+    else:
+        result = run_ranks(rank_fn, (job,), world_size=world_size, deadline_s=deadline_s, env=env)
+    if result.status != "ok":
+        cause = environment_verdict(result)
+        if cause is not None:
+            raise EnvironmentFault(cause)
+        kind: FailureKind = "hang" if result.status == "deadlock" else "crash"
+        raise RankFailure(kind, headline(result), result.report(), result.run_id)
+    return result.results
+
+
 @dataclass
 class PartitionedBackend:
     """A block sharded over ``world_size`` local ranks (gloo on CPU); a ``MultiRankBackend``."""
@@ -206,6 +232,10 @@ class PartitionedBackend:
     """A configuration known to be wrong (no leaf, stock block): the suite expects it to be caught."""
     lock_wait_s: float = LOCK_WAIT_S
     """How long to wait for another process's live build of DeepSpeed's op before a ``setup`` fault."""
+    reuse_ranks: bool = True
+    """Run each session on this backend's rank pool (``moeconf.distributed.launcher.pooled_run``):
+    the ranks stay up for the next architecture instead of importing torch, transformers and
+    DeepSpeed again (~20 s a launch). False: fresh ranks per session, as ``run_ranks``."""
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -250,14 +280,9 @@ class PartitionedBackend:
             steps=steps,
         )
         env = {"DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-        result = run_ranks(self.rank_fn, (job,), world_size=self.world_size, deadline_s=deadline_s, env=env)
-        if result.status != "ok":
-            cause = environment_verdict(result)
-            if cause is not None:
-                raise EnvironmentFault(cause)
-            kind = "hang" if result.status == "deadlock" else "crash"
-            raise RankFailure(kind, headline(result), result.report(), result.run_id)
-        per_rank: list[RankResult] = result.results
+        per_rank: list[RankResult] = launch(
+            self.name, self.rank_fn, job, self.world_size, deadline_s, env, self.reuse_ranks
+        )
         steps_obs = None
         if steps is not None:
             ranks = [r.steps or [] for r in per_rank]

@@ -13,6 +13,13 @@ environment and writes ``RUN_DIR/payload.pkl``. This process:
    runs ``fn(*args)`` and atomically writes ``RUN_DIR/rank<R>.result.pkl``;
 4. tears the process group down (best effort).
 
+With ``--pool`` (a :class:`moeconf.distributed.launcher.RankPool`'s rank) step 3 repeats: the rank
+reads job numbers from stdin, runs ``RUN_DIR/job<N>.pkl`` and writes
+``RUN_DIR/rank<R>.job<N>.result.pkl``, initialising the process group before its first job and
+keeping it up. A job that raises ends the rank as in a one-shot run (its peers may wait for it in a
+collective: the parent then kills the whole pool). EOF on stdin (the pool closed, or the parent
+died) ends it.
+
 Only the standard library (and the stdlib-only launcher module) is imported
 at module level on purpose.
 """
@@ -36,6 +43,9 @@ from moeconf.distributed.launcher import (
     EXIT_BAD_INVOCATION,
     EXIT_FN_FAILED,
     EXIT_OK,
+    POOL_FLAG,
+    job_path,
+    job_result_path,
     payload_path,
     result_path,
     stack_path,
@@ -170,9 +180,55 @@ def _flush_and_exit(code: int) -> None:
     os._exit(code)
 
 
+def _between_jobs() -> None:
+    """Free what the finished job left (engines, optimizer state, hooks on its modules) before the
+    next one starts.
+
+    What stays on purpose: the process group and DeepSpeed's cached groups
+    (``deepspeed.utils.groups``: they describe the world, which is the same for every job; making
+    new ones would cost a collective per job), imported modules and the accelerator choice.
+    ``set_z3_leaf_modules`` marks live on the module objects, and every job builds fresh modules.
+    Every job seeds torch itself (``rank_job.run_job``)."""
+    import gc
+
+    gc.collect()
+
+
+def _serve(run_dir: Path, rank: int, fn_file_hint: str | None, backend: str | None, pg_timeout_s: float) -> None:
+    """A pool rank's loop: one job per line on stdin until EOF."""
+    initialised = False
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return  # EOF: the pool was closed or the parent is gone
+        job_no = int(line)
+        out = job_result_path(run_dir, rank, job_no)
+        phase = "import"
+        try:
+            with open(job_path(run_dir, job_no), "rb") as fh:
+                fn_spec, fn_file, args_blob = pickle.load(fh)
+            fn = resolve_fn(fn_spec, fn_file or fn_file_hint)
+            args = pickle.loads(args_blob)
+            if backend is not None and not initialised:
+                phase = "init"
+                _init_process_group(backend, pg_timeout_s)
+                initialised = True
+            phase = "fn"
+            value = fn(*args)
+            del args
+            _between_jobs()
+        except BaseException as exc:  # noqa: BLE001 - as in a one-shot run
+            _write_result(out, _exception_record(exc, phase))
+            traceback.print_exc()
+            _flush_and_exit(EXIT_FN_FAILED)
+        _write_result(out, {"kind": "ok", "value": value})
+        del value
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m moeconf.distributed._rank_main RUN_DIR", file=sys.stderr)
+    pool = len(argv) == 3 and argv[2] == POOL_FLAG
+    if len(argv) != 2 and not pool:
+        print(f"usage: python -m moeconf.distributed._rank_main RUN_DIR [{POOL_FLAG}]", file=sys.stderr)
         return EXIT_BAD_INVOCATION
     run_dir = Path(argv[1])
     rank = int(os.environ["RANK"])
@@ -181,6 +237,11 @@ def main(argv: list[str]) -> int:
 
     with open(payload_path(run_dir), "rb") as fh:
         fn_spec, fn_file, args_blob, backend, pg_timeout_s = pickle.load(fh)
+    if pool:
+        _serve(run_dir, rank, fn_file, backend, pg_timeout_s)
+        # EOF: the parent kills the pool's group right after closing stdin; no teardown collective
+        # (a peer may already be gone), no atexit hooks (they may wait for peers)
+        _flush_and_exit(EXIT_OK)
     out = result_path(run_dir, rank)
 
     phase = "import"

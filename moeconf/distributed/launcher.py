@@ -26,6 +26,7 @@ Design choices (why):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import re
@@ -37,7 +38,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -69,8 +71,22 @@ def result_path(run_dir: Path, rank: int) -> Path:
 
 
 def payload_path(run_dir: Path) -> Path:
-    """Pickled ``(fn_spec, fn_file, pickled_args, backend, pg_timeout_s)``."""
+    """Pickled ``(fn_spec, fn_file, pickled_args, backend, pg_timeout_s)``; for a rank pool
+    (``_rank_main RUN_DIR --pool``) ``fn_spec`` is None and each job has its own file."""
     return run_dir / "payload.pkl"
+
+
+def job_path(run_dir: Path, job_no: int) -> Path:
+    """Pickled ``(fn_spec, fn_file, pickled_args)`` of a rank pool's job ``job_no``."""
+    return run_dir / f"job{job_no}.pkl"
+
+
+def job_result_path(run_dir: Path, rank: int, job_no: int) -> Path:
+    """Per-rank pickled result record of a rank pool's job ``job_no``."""
+    return run_dir / f"rank{rank}.job{job_no}.result.pkl"
+
+
+POOL_FLAG = "--pool"
 
 
 RUN_ID_ENV = "MOECONF_RUN_ID"
@@ -110,6 +126,8 @@ class RankOutcome:
         """One-line exit summary."""
         if self.killed_by_launcher:
             return "killed by the launcher (was still running)"
+        if self.exitcode is None:
+            return "returned; still up in its rank pool"
         if self.signal:
             return f"killed by {self.signal}"
         return f"exit code {self.exitcode}"
@@ -381,12 +399,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _read_tail(path: Path, nbytes: int = TAIL_BYTES) -> str:
+def _read_tail(path: Path, nbytes: int = TAIL_BYTES, since: int = 0) -> str:
+    """The last ``nbytes`` of ``path``, none of them before offset ``since`` (a pooled rank's log
+    holds every job's lines; a job's report shows its own)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
-            fh.seek(max(0, size - nbytes))
+            fh.seek(max(since, size - nbytes))
             return fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
@@ -490,7 +510,13 @@ class _Attempt:
         backend: str | None,
         base_env: dict[str, str],
         start: float,
+        pool: bool = False,
     ) -> None:
+        self.pool = pool
+        self.job_no: int | None = None
+        """The pool's current job (results go to per-job files); None for a one-shot launch."""
+        self.log_offsets: dict[str, int] = {}
+        self.done_ranks: set[int] = set()
         self.spec = spec
         self.world_size = world_size
         self.deadline_s = deadline_s
@@ -519,7 +545,8 @@ class _Attempt:
         self.reaped = False
         try:
             with open(payload_path(self.dir), "wb") as fh:
-                header = (spec, fn_file, args_blob, backend, deadline_s + PG_TIMEOUT_MARGIN_S)
+                self.pg_timeout_s = deadline_s + PG_TIMEOUT_MARGIN_S
+                header = (None if pool else spec, fn_file, args_blob, backend, self.pg_timeout_s)
                 pickle.dump(header, fh)
         except OSError as exc:
             self.remove_dir()
@@ -542,9 +569,11 @@ class _Attempt:
                 open(self.dir / f"rank{rank}.stderr.txt", "wb") as err,
             ):
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "moeconf.distributed._rank_main", str(self.dir)],
+                    [sys.executable, "-m", "moeconf.distributed._rank_main", str(self.dir)]
+                    + ([POOL_FLAG] if self.pool else []),
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    # a pool's rank reads job numbers from its stdin; EOF tells it the parent is gone
+                    stdin=subprocess.PIPE if self.pool else subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
                     close_fds=True,
@@ -573,15 +602,68 @@ class _Attempt:
                         self.death_tick[rank] = tick
             if any(self._failed(r) for r in self.death_tick):
                 return "crash"
-            if len(self.death_tick) == self.world_size:
+            if self.pool:
+                # A pooled rank does not exit after a job: it is done when it wrote an "ok" record.
+                # One that raised exits right after writing its record: the next tick sees the exit.
+                if all(self._job_done(r) for r in range(self.world_size)):
+                    return "ok"
+            elif len(self.death_tick) == self.world_size:
                 return "ok"
             if time.monotonic() - self.start >= self.deadline_s:
                 return "deadlock"
             time.sleep(POLL_S)
 
     def _failed(self, rank: int) -> bool:
-        """Exited non-zero, by a signal, or without reporting a result."""
-        return self.exit_codes[rank] != 0 or not result_path(self.dir, rank).exists()
+        """Exited non-zero, by a signal, or without reporting a result; in a pool, exited at all."""
+        return self.pool or self.exit_codes[rank] != 0 or not self._result_file(rank).exists()
+
+    def _result_file(self, rank: int) -> Path:
+        return result_path(self.dir, rank) if self.job_no is None else job_result_path(self.dir, rank, self.job_no)
+
+    def _job_done(self, rank: int) -> bool:
+        if rank in self.done_ranks:
+            return True
+        if not self._result_file(rank).exists():
+            return False
+        record = self._record(rank)
+        if record is not None and record["kind"] == "ok":
+            self.done_ranks.add(rank)  # unpickled once, not at every poll while peers still work
+            return True
+        return False
+
+    # -- a pool's jobs ------------------------------------------------------
+
+    def start_job(self, spec: str, fn_file: str | None, args_blob: bytes, deadline_s: float) -> None:
+        """Hand job ``job_no + 1`` to every rank of the pool; its deadline starts now."""
+        self.job_no = (self.job_no or 0) + 1
+        self.spec = spec
+        self.deadline_s = deadline_s
+        self.start = time.monotonic()
+        self.death_tick.clear()
+        self.done_ranks.clear()
+        for rank in range(self.world_size):
+            for stream in ("stdout", "stderr"):
+                path = self.dir / f"rank{rank}.{stream}.txt"
+                self.log_offsets[path.name] = path.stat().st_size if path.exists() else 0
+        tmp = self.dir / f"job{self.job_no}.tmp"
+        with open(tmp, "wb") as fh:
+            pickle.dump((spec, fn_file, args_blob), fh)
+        os.replace(tmp, job_path(self.dir, self.job_no))  # whole, before any rank is told
+        line = f"{self.job_no}\n".encode()
+        for proc in self.procs:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(line)
+                proc.stdin.flush()
+            except OSError:
+                pass  # the rank is gone: watch() reports it as this job's crash
+
+    def finish_job(self) -> None:
+        """Forget the finished job's payload (its tensors) and records; the ranks stay up."""
+        assert self.job_no is not None
+        job_path(self.dir, self.job_no).unlink(missing_ok=True)
+        for rank in range(self.world_size):
+            job_result_path(self.dir, rank, self.job_no).unlink(missing_ok=True)
 
     def alive_ranks(self) -> list[int]:
         return [r for r, p in enumerate(self.procs) if _exit_status_nowait(p.pid) is None]
@@ -670,8 +752,8 @@ class _Attempt:
             exitcode=code,
             signal=_signal_name(code),
             stack=self.stacks.get(rank),
-            stdout_tail=_read_tail(self.dir / f"rank{rank}.stdout.txt"),
-            stderr_tail=_read_tail(self.dir / f"rank{rank}.stderr.txt"),
+            stdout_tail=self._log_tail(rank, "stdout"),
+            stderr_tail=self._log_tail(rank, "stderr"),
             # A rank still starting up (handler not yet installed) dies of
             # our SIGUSR1 instead of dumping; that is the launcher's doing too.
             killed_by_launcher=rank in self.killed_by_launcher or (rank in self.usr1_sent and code == -signal.SIGUSR1),
@@ -685,8 +767,12 @@ class _Attempt:
             outcome.exception = record["text"]
         return outcome
 
+    def _log_tail(self, rank: int, stream: str) -> str:
+        name = f"rank{rank}.{stream}.txt"
+        return _read_tail(self.dir / name, since=self.log_offsets.get(name, 0))
+
     def _record(self, rank: int) -> dict[str, Any] | None:
-        path = result_path(self.dir, rank)
+        path = self._result_file(rank)
         if not path.exists():
             return None
         try:
@@ -712,7 +798,7 @@ class _Attempt:
         def key(rank: int) -> tuple[int, int, int]:
             signalled = (self.exit_codes[rank] or 0) < 0
             try:
-                written = result_path(self.dir, rank).stat().st_mtime_ns
+                written = self._result_file(rank).stat().st_mtime_ns
             except OSError:
                 written = 0
             return (self.death_tick[rank], 0 if signalled else 1, written)
@@ -851,3 +937,219 @@ def _finish(attempt: _Attempt, status: Status, start: float, message: str) -> Mu
         message=message,
         run_id=attempt.run_id,
     )
+
+
+# --------------------------------------------------------------------------
+# rank pools: ranks that stay up for job after job
+
+
+class RankPool:
+    """``world_size`` rank processes that run job after job (``run``), each under its own deadline.
+
+    Why: a rank's start-up (importing torch, transformers, DeepSpeed; the rendezvous) costs ~20 s
+    on a loaded 2-core machine, the job itself a few seconds, and a matrix has hundreds of jobs.
+
+    How: the ranks are started exactly as by :func:`run_ranks` (one process group, ``RUN_ID_ENV``,
+    ``PR_SET_PDEATHSIG``, faulthandler on ``SIGUSR1``), with ``--pool``: each initialises the process
+    group once, then reads job numbers from its stdin, runs ``RUN_DIR/job<N>.pkl`` and writes
+    ``rank<R>.job<N>.result.pkl``. The parent watches a job as it watches a launch: crash = any rank
+    exits, hang = the job's deadline passes. A failed job is reported exactly like a failed launch
+    (every live rank's stack, the job's part of each rank's log) and ends the pool: nothing of a
+    failed job's state (a half-done collective, a dead peer) can reach the next job, which gets a
+    fresh pool.
+
+    The ranks are spawned by a thread that lives as long as the pool: ``PR_SET_PDEATHSIG`` fires
+    when the *thread* that started a process ends, and callers (the engine's watchdog) run each
+    call on a short-lived thread. Not thread-safe: one job at a time (``pooled_run`` hands a pool
+    to one caller at a time).
+    """
+
+    def __init__(self, world_size: int = 2, backend: str | None = "gloo", env: dict[str, str] | None = None) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.backend = backend
+        self.base_env = _base_env(world_size, env)
+        self._attempt: _Attempt | None = None
+        self._holder: threading.Event | None = None
+        self.launches = 0
+        """How many times ranks were started (a fresh pool after each failed job)."""
+
+    @property
+    def pids(self) -> list[int]:
+        """The live ranks' process ids (empty when no ranks are up)."""
+        return [p.pid for p in self._attempt.procs] if self._attempt is not None else []
+
+    @property
+    def run_id(self) -> str | None:
+        return self._attempt.run_id if self._attempt is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """Ranks are up and every one of them is still running."""
+        a = self._attempt
+        return a is not None and len(a.procs) == self.world_size and len(a.alive_ranks()) == self.world_size
+
+    def run(
+        self, fn: str | Callable[..., Any], args: tuple[Any, ...] = (), *, deadline_s: float = 60
+    ) -> MultiRankResult:
+        """Run ``fn(*args)`` on every rank of the pool (started first if needed); same contract as
+        :func:`run_ranks`. After a status other than ``"ok"`` the pool's ranks are gone; the next
+        ``run`` starts new ones."""
+        spec = fn_spec(fn)
+        args_blob = pickle.dumps(args)  # fail here, not in N ranks, on unpicklable args
+        fn_file = _module_file(spec)
+        start = time.monotonic()
+        with terminations_unwind():
+            try:
+                return self._run(spec, fn_file, args_blob, deadline_s, start)
+            except BaseException:
+                self.close()  # interrupted mid-job (Ctrl-C, the engine's watchdog): no half-done job survives
+                raise
+
+    def _run(
+        self, spec: str, fn_file: str | None, args_blob: bytes, deadline_s: float, start: float
+    ) -> MultiRankResult:
+        message = ""
+        for attempt_no in range(PORT_ATTEMPTS):
+            a = self._attempt
+            if a is not None and (not self.alive or a.pg_timeout_s < deadline_s + PG_TIMEOUT_MARGIN_S):
+                # a rank died while idle (not this job's doing), or this job may wait in a collective
+                # longer than the ranks' process-group timeout allows: start over
+                self.close()
+            fresh = self._attempt is None
+            if fresh:
+                try:
+                    self._start(deadline_s, start)
+                except LaunchSetupError as exc:
+                    return _failed_to_start(spec, self.world_size, deadline_s, start, str(exc))
+                except OSError as exc:
+                    assert self._attempt is not None
+                    result = _finish(self._attempt, "error", start, f"failed to start ranks: {exc!r}")
+                    self.close()
+                    return result
+            a = self._attempt
+            assert a is not None
+            a.start_job(spec, fn_file, args_blob, deadline_s)
+            status = a.watch()
+            if status == "ok":
+                result = MultiRankResult(
+                    status="ok",
+                    outcomes=a.outcomes(),
+                    elapsed_s=time.monotonic() - start,
+                    world_size=self.world_size,
+                    deadline_s=deadline_s,
+                    fn=spec,
+                    master_port=a.port,
+                    message=message,
+                    run_id=a.run_id,
+                )
+                a.finish_job()
+                return result
+            if status == "crash" and fresh and attempt_no + 1 < PORT_ATTEMPTS and a.port_clash():
+                message = f"port {a.port} was taken; retried on a new port"
+                self.close()
+                continue
+            result = _finish(a, status, a.start, message)
+            self.close()
+            return result
+        return _failed_to_start(  # pragma: no cover - needs 3 port clashes in a row
+            spec, self.world_size, deadline_s, start, f"MASTER_PORT taken {PORT_ATTEMPTS} times in a row"
+        )
+
+    def _start(self, deadline_s: float, start: float) -> None:
+        sweep_orphaned_run_dirs()  # what SIGKILLed runs left behind (never a live run's)
+        attempt = _Attempt("", None, b"", self.world_size, deadline_s, self.backend, self.base_env, start, pool=True)
+        self._attempt = attempt
+        self.launches += 1
+        spawned = threading.Event()
+        closed = threading.Event()
+        self._holder = closed
+        failure: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                attempt.spawn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                failure.append(exc)
+            finally:
+                spawned.set()
+            closed.wait()  # the ranks' PR_SET_PDEATHSIG parent: must outlive them
+
+        threading.Thread(target=hold, name=f"moeconf-rank-pool-{attempt.run_id[:8]}", daemon=True).start()
+        spawned.wait()
+        if failure:
+            raise failure[0]
+
+    def close(self) -> None:
+        """Kill the ranks (and anything they started) and remove the run dir; idempotent."""
+        attempt, self._attempt = self._attempt, None
+        try:
+            if attempt is not None:
+                for proc in attempt.procs:
+                    if proc.stdin is not None:
+                        with contextlib.suppress(OSError):
+                            proc.stdin.close()
+                attempt.clean_up()
+        finally:
+            if self._holder is not None:
+                self._holder.set()
+                self._holder = None
+
+
+# Pools kept between calls, least recently used first. Several backends of one `moeconf check` run
+# arch after arch (the engine goes arch-major), so each backend keeps its own pool; beyond
+# MAX_IDLE_POOLS the oldest is closed to bound memory (2 ranks with DeepSpeed loaded: ~1 GB).
+MAX_IDLE_POOLS = 3
+_idle_pools: OrderedDict[Hashable, RankPool] = OrderedDict()
+_pools_lock = threading.Lock()
+
+
+def pooled_run(
+    key: Hashable,
+    fn: str | Callable[..., Any],
+    args: tuple[Any, ...] = (),
+    *,
+    world_size: int = 2,
+    deadline_s: float = 60,
+    backend: str | None = "gloo",
+    env: dict[str, str] | None = None,
+) -> MultiRankResult:
+    """:func:`run_ranks` on the idle pool kept under ``key`` (made on first use): the ranks stay up
+    for the next call with the same key. ``key`` must name everything that makes ranks differ
+    (rank function, world size, env): jobs of one key share their processes' module state.
+
+    A pool is taken out of the registry while it runs a job, so a concurrent call with the same key
+    (a call the engine's watchdog abandoned is still running) gets a pool of its own."""
+    with _pools_lock:
+        pool = _idle_pools.pop(key, None)
+    if pool is None:
+        pool = RankPool(world_size, backend, env)
+    result = pool.run(fn, args, deadline_s=deadline_s)  # closes the pool itself on failure
+    if pool.alive:
+        with _pools_lock:
+            evicted = [_idle_pools.pop(key)] if key in _idle_pools else []
+            _idle_pools[key] = pool
+            while len(_idle_pools) > MAX_IDLE_POOLS:
+                evicted.append(_idle_pools.popitem(last=False)[1])
+        for old in evicted:
+            old.close()
+    return result
+
+
+def close_pools() -> None:
+    """Close every idle pool (at exit, and for callers that want the ranks gone now)."""
+    with _pools_lock:
+        pools = list(_idle_pools.values())
+        _idle_pools.clear()
+    for pool in pools:
+        pool.close()
+
+
+def idle_pools() -> dict[Hashable, RankPool]:
+    """The idle pools by key (a snapshot, for tests and diagnostics)."""
+    with _pools_lock:
+        return dict(_idle_pools)
+
+
+atexit.register(close_pools)
