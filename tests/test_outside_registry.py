@@ -18,7 +18,7 @@ from moeconf.registry.outside import RegistryLoadError, load_registry, scoped
 
 # A framework's own entries: the Mixtral block under framework-owned names (the data moeconf needs).
 OUTSIDE_MIXTRAL = dataclasses.replace(REGISTRY["mixtral"], model_type="outside_mixtral")
-OUTSIDE_QWEN = dataclasses.replace(REGISTRY["qwen2_moe"], model_type="outside_qwen2_moe")
+OUTSIDE_QWEN = dataclasses.replace(REGISTRY["qwen3_moe"], model_type="outside_qwen3_moe")
 ARCHITECTURES = (OUTSIDE_MIXTRAL, OUTSIDE_QWEN)
 BY_NAME = {e.model_type: e for e in ARCHITECTURES}
 CLASHING = (OUTSIDE_MIXTRAL, REGISTRY["mixtral"])
@@ -48,7 +48,7 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 def test_registered_entries_are_found_by_name_and_listed_after_the_built_ins() -> None:
     assert load_registry(f"{HERE}:ARCHITECTURES") == ARCHITECTURES
     assert get_entry("outside_mixtral") is OUTSIDE_MIXTRAL
-    assert list(all_entries())[-2:] == ["outside_mixtral", "outside_qwen2_moe"]
+    assert list(all_entries())[-2:] == ["outside_mixtral", "outside_qwen3_moe"]
     assert load_registry(f"{HERE}:OUTSIDE_MIXTRAL") == (OUTSIDE_MIXTRAL,)  # the same entry again: a no-op
     assert load_registry(f"{HERE}:BY_NAME") == ARCHITECTURES  # a mapping counts by its values
 
@@ -75,7 +75,7 @@ def test_a_failing_outside_record_carries_a_repro_that_finds_the_registry(
 def test_default_selection_and_list_include_outside_entries(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", "--registry", f"{HERE}:ARCHITECTURES", "--backend", "hf-eager"]) == 0
     out = capsys.readouterr().out
-    assert "outside_qwen2_moe" in out and "2 from outside registries" in out
+    assert "outside_qwen3_moe" in out and "2 from outside registries" in out
     args = cli._parser().parse_args(["--registry", f"{HERE}:OUTSIDE_MIXTRAL", "check"])
     assert cli._load_registries(args, "moeconf") == f"moeconf --registry {HERE}:OUTSIDE_MIXTRAL"
     selection, _, _ = cli._selection(args, "moeconf")
@@ -129,9 +129,9 @@ def _entry_points(*values: str) -> list[EntryPoint]:
 
 def test_entry_points_register_on_first_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outside, "entry_points", lambda group: _entry_points(f"{HERE}:ARCHITECTURES"))
-    assert get_entry("outside_qwen2_moe") is OUTSIDE_QWEN
-    assert outside.origin("outside_qwen2_moe") == "entry point fw0"
-    assert outside.registry_spec("outside_qwen2_moe") is None  # installed: a repro needs no --registry
+    assert get_entry("outside_qwen3_moe") is OUTSIDE_QWEN
+    assert outside.origin("outside_qwen3_moe") == "entry point fw0"
+    assert outside.registry_spec("outside_qwen3_moe") is None  # installed: a repro needs no --registry
     load_registry(f"{HERE}:ARCHITECTURES")  # naming what an entry point registered is fine
 
 

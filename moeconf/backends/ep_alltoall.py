@@ -15,6 +15,10 @@ the gate must catch): ``ep-alltoall-wrong-splits``, ``ep-alltoall-no-count-excha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
 
 from moeconf.backends.base import (
     EnvironmentFault,
@@ -27,6 +31,7 @@ from moeconf.backends.ep_rank import Bug, EPJob, EPResult
 from moeconf.backends.fused_experts import standard_layout_reason
 from moeconf.backends.partitioned import launch, preflight
 from moeconf.devices import SettingError, device_available, rank_deadline_s
+from moeconf.hf.block import build_block
 from moeconf.registry.entry import ArchEntry
 
 
@@ -37,7 +42,20 @@ def ep_reason(entry: ArchEntry) -> str | None:
         return f"expert parallelism re-implements the experts for the fused SwiGLU layout only: {layout}"
     if entry.spec.router.capacity is not None:
         return "capacity drops are not implemented in the expert-parallel dispatch (no capacity in all_to_all)"
-    return None
+    return _fused_parameters_reason(entry)
+
+
+@cache
+def _fused_parameters_reason(entry: ArchEntry) -> str | None:
+    """Each rank slices the experts' 3-D ``gate_up_proj``/``down_proj`` *parameters*; an entry whose
+    bindings read that layout from per-expert modules (transformers 4.x ModuleLists) has none to
+    slice. Looked up on the installed block, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        experts = build_block(entry).get_submodule(entry.experts_path)
+    names = ("gate_up_proj", "down_proj")
+    if all(isinstance(getattr(experts, n, None), nn.Parameter) for n in names):
+        return None
+    return f"the installed experts module ({type(experts).__name__}) holds no fused 3-D gate_up_proj/down_proj parameters (per-expert modules)"
 
 
 @dataclass

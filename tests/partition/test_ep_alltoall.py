@@ -28,9 +28,14 @@ from moeconf.harness.validate import validate_observation, validate_steps
 from moeconf.reference import reference_forward, reference_gradients, reference_loss_gradients
 from moeconf.registry import REGISTRY
 
-pytestmark = pytest.mark.partition
-
 ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
+# Under transformers 4.x these entries are per-expert ModuleLists, a layout ep-alltoall declares
+# unsupported (``supports()`` says why): nothing here applies there.
+UNSUPPORTED = next((f"{a}: {r}" for a in ARCHS if (r := ep_reason(REGISTRY[a])) is not None), None)
+pytestmark = [
+    pytest.mark.partition,
+    pytest.mark.skipif(UNSUPPORTED is not None, reason=f"ep-alltoall does not run here ({UNSUPPORTED})"),
+]
 STEPS_ARCH = {2: "qwen3_moe", 4: "deepseek_v3"}
 BACKENDS = {2: EP_ALLTOALL, 4: EP_ALLTOALL_4}
 MUST_PASS = ("routing", "routing_weights", "output", "grad_input", "grad_router", "grad_experts")
