@@ -74,7 +74,7 @@ def test_options_replace_the_files_matrix_and_add_registries(pytester: pytest.Py
     result = _run(pytester, "-v", "--moeconf-registry", registry, "--moeconf-backend", "tests.seeded:gate_up_swapped")
     result.assert_outcomes(failed=2)  # default archs: the registry's own entries
     result.stdout.fnmatch_lines([f"*repro: moeconf --registry {registry} check --arch outside_mixtral *"])
-    narrowed = _run(pytester, "-v", "--moeconf-registry", registry, "--moeconf-arch", "outside_qwen2_moe")
+    narrowed = _run(pytester, "-v", "--moeconf-registry", registry, "--moeconf-arch", "outside_qwen3_moe")
     narrowed.assert_outcomes(passed=1)
 
 
