@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from moeconf.backends.base import (
-    EnvironmentFault,
     Observation,
     RunRequest,
     StepsObservation,
@@ -29,8 +28,8 @@ from moeconf.backends.base import (
 )
 from moeconf.backends.ep_rank import Bug, EPJob, EPResult
 from moeconf.backends.fused_experts import standard_layout_reason
-from moeconf.backends.partitioned import launch, preflight
-from moeconf.devices import SettingError, device_available, rank_deadline_s
+from moeconf.backends.partitioned import launch, launch_deadline, preflight
+from moeconf.devices import device_available
 from moeconf.hf.block import build_block
 from moeconf.registry.entry import ArchEntry
 
@@ -89,12 +88,7 @@ class EPAllToAllBackend:
         return observations[0]
 
     def deadline(self) -> float:
-        if self.deadline_s is not None:
-            return self.deadline_s
-        try:
-            return rank_deadline_s()
-        except SettingError as exc:
-            raise EnvironmentFault(str(exc)) from None
+        return launch_deadline(self.deadline_s)
 
     def launch(self, requests: list[RunRequest], steps: StepsRequest | None) -> list[EPResult]:
         """Every rank's result (``RankFailure`` on a hang or a dead rank, ``EnvironmentFault`` when the

@@ -213,6 +213,17 @@ def launch(
     return result.results
 
 
+def launch_deadline(deadline_s: float | None) -> float:
+    """A launch's deadline: the backend's own, else ``MOECONF_DEADLINE_S`` (``EnvironmentFault`` naming
+    the variable when it is unusable)."""
+    if deadline_s is not None:
+        return deadline_s
+    try:
+        return rank_deadline_s()
+    except SettingError as exc:
+        raise EnvironmentFault(str(exc)) from None
+
+
 @dataclass
 class PartitionedBackend:
     """A block sharded over ``world_size`` local ranks (gloo on CPU); a ``MultiRankBackend``."""
@@ -253,13 +264,7 @@ class PartitionedBackend:
         return observations[0]
 
     def deadline(self) -> float:
-        """This launch's deadline (``EnvironmentFault`` naming the variable when it is unusable)."""
-        if self.deadline_s is not None:
-            return self.deadline_s
-        try:
-            return rank_deadline_s()
-        except SettingError as exc:
-            raise EnvironmentFault(str(exc)) from None
+        return launch_deadline(self.deadline_s)
 
     def run_session(
         self, requests: list[RunRequest], steps: StepsRequest | None

@@ -218,14 +218,24 @@ def _recorded_once(name: str, c: CheckInput) -> Outcome | None:
     return Outcome(False, message=f"{name}: the framework's router-logits recorder collected {what}")
 
 
-def _loss_check(name: str, got: torch.Tensor | None, want: torch.Tensor | None, c: CheckInput) -> Outcome:
-    if want is None:
+def _not_judged(name: str, what: str, has_reference: bool, reported: bool, c: CheckInput) -> Outcome | None:
+    """Why a loss (or its gradient) is not compared: the architecture has no such loss, the model's
+    recorder collected the wrong number of router outputs (a failure), or the backend reports none."""
+    if not has_reference:
         return Outcome(None, message=f"architecture has no {name}")
     recorded = _recorded_once(name, c)
     if recorded is not None:
         return recorded
-    if got is None:
-        return Outcome(None, message=f"backend does not report {name}")
+    if not reported:
+        return Outcome(None, message=f"backend does not report {what}")
+    return None
+
+
+def _loss_check(name: str, got: torch.Tensor | None, want: torch.Tensor | None, c: CheckInput) -> Outcome:
+    skipped = _not_judged(name, name, want is not None, got is not None, c)
+    if skipped is not None:
+        return skipped
+    assert got is not None and want is not None  # _not_judged returned None: both are there
     return compare(name, torch.as_tensor(got).reshape(()), want.detach().reshape(()), TOLERANCES[c.dtype]["loss"])
 
 
@@ -247,13 +257,10 @@ def _loss_grad_check(name: str, got: dict[str, torch.Tensor | None] | None, c: C
     O(1/N), so an absolute bf16 tolerance would let zeros pass.
     """
     want = c.reference_loss_grads.get(name)
-    if want is None:
-        return Outcome(None, message=f"architecture has no {name}")
-    recorded = _recorded_once(name, c)
-    if recorded is not None:
-        return recorded
-    if got is None:
-        return Outcome(None, message=f"backend does not report gradients of {name}")
+    skipped = _not_judged(name, f"gradients of {name}", want is not None, got is not None, c)
+    if skipped is not None:
+        return skipped
+    assert got is not None and want is not None  # _not_judged returned None: both are there
     tol = TOLERANCES[c.dtype]["loss_grad"]
     absent = [k for k in want if got.get(k) is None]
     if absent:
