@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, NoReturn
 
-from moeconf.backends import Backend, resolve_backend
+from moeconf.backends import Backend, resolve_backend, with_world_size
 from moeconf.devices import DEVICES, DTYPES, SettingError, check_settings, use_threads_for_tiny_shapes
 from moeconf.harness.cases import CASE_NAMES, CASE_SEED_STRIDE
 from moeconf.harness.checks import CHECKS
@@ -76,6 +76,21 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected a whole number") from None
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"seed {text} out of range: 0 <= seed <= {MAX_SEED}")
+    return value
+
+
+MIN_WORLD, MAX_WORLD = 2, 16
+"""``--world-size`` bounds: one rank partitions nothing; local ranks beyond 16 only oversubscribe the
+machine (a bigger job runs under torchrun: ``python -m moeconf.partition``)."""
+
+
+def _world_size(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid world size {text!r}: expected a whole number") from None
+    if not MIN_WORLD <= value <= MAX_WORLD:
+        raise argparse.ArgumentTypeError(f"world size {text} out of range: {MIN_WORLD} <= N <= {MAX_WORLD}")
     return value
 
 
@@ -139,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
         "audit (ZeRO-3 leaf registration, loss = CE + coef·aux) on a tiny full model",
     )
     chk.add_argument("--seed", type=_seed, default=0, help=f"0..{MAX_SEED} (default 0)")
+    chk.add_argument(
+        "--world-size",
+        type=_world_size,
+        metavar="N",
+        help=f"ranks of the multi-rank backends, {MIN_WORLD}..{MAX_WORLD} (default: 2; ep-alltoall-4: 4)",
+    )
     chk.add_argument(
         "--timeout",
         type=_timeout,
@@ -412,7 +433,8 @@ def _selection(args: argparse.Namespace, program: str) -> tuple[Selection, dict[
         if arch in DECLARED_UNSUPPORTED and arch not in outside:
             raise UnknownName(f"{arch} is declared unsupported: {DECLARED_UNSUPPORTED[arch]}")
         get_entry(arch)
-    backends = {name: resolve_backend(name) for name in _unique(args.backend) or ()}
+    world_size = getattr(args, "world_size", None)
+    backends = {name: with_world_size(resolve_backend(name), world_size) for name in _unique(args.backend) or ()}
     checks = _unique(args.check) or (*CHECKS, *PARTITION_CHECKS)
     selection = Selection(
         archs=archs,
@@ -423,6 +445,7 @@ def _selection(args: argparse.Namespace, program: str) -> tuple[Selection, dict[
         checks=tuple(c for c in checks if c != "config"),
         seed=args.seed,
         timeout_s=args.timeout,
+        world_size=world_size,
         program=program,
     )
     return selection, backends, "config" in checks

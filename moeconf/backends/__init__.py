@@ -20,6 +20,7 @@ usage error, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -202,6 +203,17 @@ def resolve_backend(name: str) -> Backend:
     )
 
 
+def with_world_size(backend: Backend, world_size: int | None) -> Backend:
+    """``backend`` on ``world_size`` ranks (``--world-size``): a copy of a multi-rank backend whose
+    ``world_size`` is a dataclass field; single-process backends are returned as they are.
+    ``UnknownName`` (a usage error) for a multi-rank backend that cannot be resized."""
+    if world_size is None or not is_multi_rank(backend):
+        return backend
+    if not dataclasses.is_dataclass(backend) or "world_size" not in {f.name for f in dataclasses.fields(backend)}:
+        raise UnknownName(f"backend {getattr(backend, 'name', backend)!r} does not take --world-size")
+    return dataclasses.replace(backend, world_size=world_size)  # type: ignore[type-var]
+
+
 __all__ = [
     "BUILTIN",
     "Backend",
@@ -218,4 +230,5 @@ __all__ = [
     "available_backends",
     "is_multi_rank",
     "resolve_backend",
+    "with_world_size",
 ]

@@ -111,6 +111,12 @@ class Backend(Protocol):
         ...
 
 
+def micro_batches(t: torch.Tensor, accumulation: int) -> list[torch.Tensor]:
+    """``[B, S, ...]`` split into ``accumulation`` equal parts along the sequence: a rank's
+    micro-batches (``StepsRequest.accumulation``), for the backend and the reference alike."""
+    return list(torch.chunk(t, accumulation, dim=1))
+
+
 @dataclass(frozen=True)
 class StepsRequest:
     """A multi-step data-parallel run (the ``adversarial_steps`` case of multi-rank backends).
@@ -121,6 +127,16 @@ class StepsRequest:
         grad_outputs: ``[step][rank]`` cotangents; rank ``r`` backpropagates ``⟨out_r, G_r⟩`` and the
             framework averages gradients over ranks.
         lr: plain SGD learning rate (no momentum, no weight decay).
+        accumulation: micro-batches per rank and step (gradient accumulation): the rank splits its
+            batch and cotangent into this many equal parts along the sequence, backpropagates each
+            micro-batch's loss divided by ``accumulation``, and steps once.
+        aux_coef, z_coef: weights of the aux and z losses in each micro-batch's loss, which is then
+            ``⟨out_m, G_m⟩ + aux_coef·aux_m + z_coef·z_m`` with ``aux_m``/``z_m`` computed by the
+            model's own loss functions from the router logits of that micro-batch's tokens.
+            0 (the default): the losses are not part of the loss.
+
+    So the step's gradient is the rank- and micro-batch mean of the micro-batch losses: the
+    effective aux coefficient is ``aux_coef`` whatever the world size and the accumulation.
     """
 
     entry: ArchEntry
@@ -130,10 +146,17 @@ class StepsRequest:
     lr: float
     dtype: torch.dtype
     device: str
+    accumulation: int = 1
+    aux_coef: float = 0.0
+    z_coef: float = 0.0
 
     @property
     def world_size(self) -> int:
         return len(self.batches[0])
+
+    @property
+    def weighs_router_losses(self) -> bool:
+        return self.aux_coef != 0.0 or self.z_coef != 0.0
 
 
 @dataclass
@@ -144,17 +167,36 @@ class StepObservation:
     grads: dict[str, torch.Tensor | None]
     missing_grads: tuple[str, ...]
     params_after: dict[str, torch.Tensor | None]
+    losses: dict[str, list[float | None]] = field(default_factory=dict)
+    """The router losses this rank put in its loss, per micro-batch: ``"aux_loss"``/``"z_loss"`` →
+    ``[accumulation]`` values (None: the model computed none); empty when it weighed none."""
 
 
 @dataclass
 class StepsObservation:
     """What the ranks saw: ``outputs[step][rank]``; grads and params (gathered, identical on every
-    rank) as rank 0 saw them."""
+    rank) as rank 0 saw them; ``losses[step][rank]`` (see ``StepObservation.losses``), None when the
+    backend does not report them."""
 
     outputs: list[list[torch.Tensor]]
     grads: list[dict[str, torch.Tensor | None]]
     missing_grads: list[tuple[str, ...]]
     params_after: list[dict[str, torch.Tensor | None]]
+    losses: list[list[dict[str, list[float | None]]]] | None = None
+
+
+def steps_observation(per_rank: list[list[StepObservation]]) -> StepsObservation:
+    """``per_rank[rank][step]`` assembled: every rank's outputs and losses; grads and params (gathered,
+    identical on every rank) as rank 0 saw them."""
+    lead = per_rank[0]
+    steps = range(len(lead))
+    return StepsObservation(
+        outputs=[[rank[s].output for rank in per_rank] for s in steps],
+        grads=[s.grads for s in lead],
+        missing_grads=[s.missing_grads for s in lead],
+        params_after=[s.params_after for s in lead],
+        losses=[[rank[s].losses for rank in per_rank] for s in steps],
+    )
 
 
 @runtime_checkable

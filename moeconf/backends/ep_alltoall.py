@@ -57,12 +57,17 @@ def _fused_parameters_reason(entry: ArchEntry) -> str | None:
     return f"the installed experts module ({type(experts).__name__}) holds no fused 3-D gate_up_proj/down_proj parameters (per-expert modules)"
 
 
+DEFAULT_WORLD_SIZE = 2
+"""The local ranks of a backend that names no world size (``ep-alltoall`` and its controls); under an
+outside launcher those run on the job's world, one that names another (``ep-alltoall-4``) on that only."""
+
+
 @dataclass
 class EPAllToAllBackend:
     """Expert-parallel block on ``world_size`` local ranks (gloo); a ``MultiRankBackend``."""
 
     name: str
-    world_size: int = 2
+    world_size: int = DEFAULT_WORLD_SIZE
     bug: Bug | None = None
     """A seeded dispatch bug (negative controls); None for the real backend."""
     deadline_s: float | None = None
@@ -90,14 +95,19 @@ class EPAllToAllBackend:
     def deadline(self) -> float:
         return launch_deadline(self.deadline_s)
 
+    def job(self, requests: list[RunRequest], steps: StepsRequest | None) -> EPJob:
+        """What every rank runs for one session; also the in-group form's (``moeconf.partition``),
+        so both launch the same job."""
+        first = requests[0] if requests else steps
+        assert first is not None
+        return EPJob(entry=first.entry, dtype=first.dtype, cases=tuple(requests), steps=steps, bug=self.bug)
+
     def launch(self, requests: list[RunRequest], steps: StepsRequest | None) -> list[EPResult]:
         """Every rank's result (``RankFailure`` on a hang or a dead rank, ``EnvironmentFault`` when the
         machine is at fault)."""
-        first = requests[0] if requests else steps
-        assert first is not None
+        job = self.job(requests, steps)
         deadline_s = self.deadline()
         preflight(self.name, False)
-        job = EPJob(entry=first.entry, dtype=first.dtype, cases=tuple(requests), steps=steps, bug=self.bug)
         env = {"TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
         return launch(self.name, self.rank_fn, job, self.world_size, deadline_s, env, self.reuse_ranks)
 
@@ -107,17 +117,28 @@ class EPAllToAllBackend:
         """All cases (and the adversarial steps) of one architecture in one launch."""
         if not requests and steps is None:
             return [], None
-        lead = self.launch(requests, steps)[0]
-        steps_obs = None
-        if steps is not None:
-            assert lead.steps is not None and lead.steps_outputs is not None
-            steps_obs = StepsObservation(
-                outputs=lead.steps_outputs,
-                grads=[s.grads for s in lead.steps],
-                missing_grads=[s.missing_grads for s in lead.steps],
-                params_after=[s.params_after for s in lead.steps],
-            )
-        return lead.cases, steps_obs
+        return ep_observations(self.launch(requests, steps), steps)
+
+
+def ep_observations(
+    per_rank: list[EPResult], steps: StepsRequest | None
+) -> tuple[list[Observation], StepsObservation | None]:
+    """A session's ``(observations, steps observation)`` from every rank's result, in rank order.
+
+    Rank 0's alone: it gathered the whole batch (outputs ``[B, S, H]``, routing, every owner's
+    expert grads) and every replica's step outputs ``[step][replica]``. Shared by the local launcher
+    and the in-group form (``moeconf.partition``), so both assemble the same observation."""
+    lead = per_rank[0]
+    steps_obs = None
+    if steps is not None:
+        assert lead.steps is not None and lead.steps_outputs is not None
+        steps_obs = StepsObservation(
+            outputs=lead.steps_outputs,
+            grads=[s.grads for s in lead.steps],
+            missing_grads=[s.missing_grads for s in lead.steps],
+            params_after=[s.params_after for s in lead.steps],
+        )
+    return lead.cases, steps_obs
 
 
 EP_ALLTOALL = EPAllToAllBackend("ep-alltoall")

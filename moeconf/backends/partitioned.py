@@ -34,6 +34,7 @@ from moeconf.backends.base import (
     RunRequest,
     StepsObservation,
     StepsRequest,
+    steps_observation,
 )
 from moeconf.backends.dense import dense_reason
 from moeconf.backends.rank_job import RankJob, RankResult, Strategy
@@ -243,10 +244,18 @@ class PartitionedBackend:
     """A configuration known to be wrong (no leaf, stock block): the suite expects it to be caught."""
     lock_wait_s: float = LOCK_WAIT_S
     """How long to wait for another process's live build of DeepSpeed's op before a ``setup`` fault."""
+    router_losses_in_steps: bool = True
+    """The adversarial steps weigh the aux and z losses in each rank's loss and accumulate gradients
+    over 2 micro-batches (``StepsRequest.aux_coef``/``accumulation``); the rank job supports it."""
     reuse_ranks: bool = True
     """Run each session on this backend's rank pool (``moeconf.distributed.launcher.pooled_run``):
     the ranks stay up for the next architecture instead of importing torch, transformers and
     DeepSpeed again (~20 s a launch). False: fresh ranks per session, as ``run_ranks``."""
+
+    @property
+    def steps_world_size(self) -> int:
+        """The adversarial steps draw one batch (and one expert subset) per rank."""
+        return self.world_size
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -288,16 +297,7 @@ class PartitionedBackend:
         per_rank: list[RankResult] = launch(
             self.name, self.rank_fn, job, self.world_size, deadline_s, env, self.reuse_ranks
         )
-        steps_obs = None
-        if steps is not None:
-            ranks = [r.steps or [] for r in per_rank]
-            lead = ranks[0]
-            steps_obs = StepsObservation(
-                outputs=[[ranks[r][s].output for r in range(self.world_size)] for s in range(len(steps.batches))],
-                grads=[s.grads for s in lead],
-                missing_grads=[s.missing_grads for s in lead],
-                params_after=[s.params_after for s in lead],
-            )
+        steps_obs = None if steps is None else steps_observation([r.steps or [] for r in per_rank])
         return per_rank[0].cases, steps_obs
 
 

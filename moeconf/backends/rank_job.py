@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeconf.backends.base import Observation, RunRequest, StepObservation, StepsRequest
+from moeconf.backends.base import Observation, RunRequest, StepObservation, StepsRequest, micro_batches
 from moeconf.backends.dense import apply_dense_patch
-from moeconf.backends.hf import observation_of
+from moeconf.backends.hf import observation_of, recorded_router_logits
 from moeconf.hf.block import (
     build_block,
     cast_like_from_pretrained,
+    framework_losses,
     load_params,
     recording,
     to_canonical,
@@ -64,9 +65,12 @@ class Engine:
     block: nn.Module
     step: Any
     backward: Any
+    """``backward(loss)`` of one micro-batch: the engine divides it by the accumulation."""
     zero_grad: Any
     full_grad: Any
     full_param: Any
+    micro_step: Any
+    """After a micro-batch that is not the step's last (DeepSpeed counts micro-steps in ``step()``)."""
 
 
 def _block(job: RankJob, params: Params) -> nn.Module:
@@ -77,7 +81,7 @@ def _block(job: RankJob, params: Params) -> nn.Module:
     return cast_like_from_pretrained(job.entry, block, job.dtype).train(job.entry.train_mode)
 
 
-def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
+def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float, accumulation: int) -> Engine:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, set_z3_leaf_modules
 
@@ -87,6 +91,8 @@ def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
     stage = 3 if job.strategy == "zero3" else 2
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
+        # DeepSpeed divides each micro-batch's loss by this in backward() and steps on the last one
+        "gradient_accumulation_steps": accumulation,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "zero_optimization": {"stage": stage},
@@ -111,11 +117,18 @@ def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return Engine(
-        engine, block, engine.step, engine.backward, lambda: None, safe_get_full_grad, safe_get_full_fp32_param
+        engine,
+        block,
+        engine.step,
+        engine.backward,
+        lambda: None,
+        safe_get_full_grad,
+        safe_get_full_fp32_param,
+        engine.step,
     )
 
 
-def _fsdp2_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
+def _fsdp2_engine(job: RankJob, block: nn.Module, lr: float, accumulation: int) -> Engine:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -132,16 +145,18 @@ def _fsdp2_engine(job: RankJob, block: nn.Module, lr: float) -> Engine:
         model,
         block,
         optimizer.step,
-        lambda loss: loss.backward(),
+        lambda loss: (loss / accumulation).backward(),  # as a trainer does around plain FSDP2
         lambda: optimizer.zero_grad(set_to_none=True),
         lambda p: full(p.grad),
         lambda p: full(p.detach()),
+        lambda: None,
     )
 
 
-def _engine(job: RankJob, params: Params, lr: float) -> Engine:
+def _engine(job: RankJob, params: Params, lr: float, accumulation: int = 1) -> Engine:
     block = _block(job, params)
-    return _fsdp2_engine(job, block, lr) if job.strategy == "fsdp2" else _deepspeed_engine(job, block, lr)
+    build = _fsdp2_engine if job.strategy == "fsdp2" else _deepspeed_engine
+    return build(job, block, lr, accumulation)
 
 
 def _gathered(job: RankJob, engine: Engine, get: Any) -> tuple[dict[str, torch.Tensor | None], tuple[str, ...]]:
@@ -152,35 +167,73 @@ def _gathered(job: RankJob, engine: Engine, get: Any) -> tuple[dict[str, torch.T
 
 
 def _forward_backward(
-    job: RankJob, engine: Engine, hidden: torch.Tensor, grad_output: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    job: RankJob,
+    engine: Engine,
+    hidden: torch.Tensor,
+    grad_output: torch.Tensor,
+    steps: StepsRequest | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, Any, dict[str, float | None]]:
+    """One forward and backward of ``⟨out, G⟩`` (plus, for ``steps`` that weigh them, the router
+    losses of these tokens): the output, the input's gradient, the recording, the router losses."""
     x = hidden.to(job.dtype).requires_grad_(True)  # NOTE: a ZeRO-3 leaf needs an input that requires grad
     with recording(job.entry, engine.block) as rec:
         out = engine.model(x)
-    engine.backward((out.float() * grad_output.float()).sum())
-    return out.detach(), x.grad, rec
+    loss = (out.float() * grad_output.float()).sum()
+    seen: dict[str, float | None] = {}
+    if steps is not None and steps.weighs_router_losses:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        aux, z = framework_losses(job.entry, recorded_router_logits(job.entry, rec), mask)
+        loss, seen = step_loss(steps, loss, {"aux_loss": aux, "z_loss": z})
+    engine.backward(loss)
+    return out.detach(), x.grad, rec, seen
+
+
+def step_loss(
+    steps: StepsRequest, loss: torch.Tensor, losses: dict[str, torch.Tensor | None]
+) -> tuple[torch.Tensor, dict[str, float | None]]:
+    """A micro-batch's loss: ``⟨out, G⟩ + aux_coef·aux + z_coef·z`` (the engine divides it by the
+    accumulation and averages the gradients over ranks), and the router losses' values as seen."""
+    seen: dict[str, float | None] = {}
+    for name, coef in (("aux_loss", steps.aux_coef), ("z_loss", steps.z_coef)):
+        if coef == 0.0:
+            continue
+        value = losses[name]
+        seen[name] = None if value is None else float(value)
+        if value is not None:
+            loss = loss + coef * value.float()
+    return loss, seen
 
 
 def run_case(job: RankJob, case: RunRequest) -> Observation:
     """One replicated batch (every rank sees the same tokens): output, routing, losses, full grads."""
     engine = _engine(job, case.params, lr=0.0)
-    out, grad_input, rec = _forward_backward(job, engine, case.hidden, case.grad_output)
+    out, grad_input, rec, _ = _forward_backward(job, engine, case.hidden, case.grad_output)
     grads, missing = _gathered(job, engine, engine.full_grad)
     grads["input"] = grad_input
     return observation_of(job.entry, rec, out, case.attention_mask, grads, missing)
 
 
 def run_steps(job: RankJob, steps: StepsRequest) -> list[StepObservation]:
-    """The adversarial steps: this rank's batch per step, gathered full grads and params after each step."""
+    """The adversarial steps: this rank's batch per step (in ``steps.accumulation`` micro-batches),
+    gathered full grads and params after each step, the router losses it weighed."""
     rank = dist.get_rank()
-    engine = _engine(job, steps.params, lr=steps.lr)
+    engine = _engine(job, steps.params, lr=steps.lr, accumulation=steps.accumulation)
     seen = []
     for batch, grad_output in zip(steps.batches, steps.grad_outputs):
-        out, _, _ = _forward_backward(job, engine, batch[rank], grad_output[rank])
+        micro = list(zip(micro_batches(batch[rank], steps.accumulation), micro_batches(grad_output[rank], steps.accumulation)))
+        outputs, losses = [], {}  # type: ignore[var-annotated]
+        for m, (x, g) in enumerate(micro):
+            out, _, _, micro_losses = _forward_backward(job, engine, x, g, steps)
+            outputs.append(out)
+            for name, value in micro_losses.items():
+                losses.setdefault(name, []).append(value)
+            if m < len(micro) - 1:
+                engine.micro_step()
         step_grads, step_missing = _gathered(job, engine, engine.full_grad)
         engine.step()
         engine.zero_grad()
-        seen.append(StepObservation(out, step_grads, step_missing, _gathered(job, engine, engine.full_param)[0]))
+        params_after = _gathered(job, engine, engine.full_param)[0]
+        seen.append(StepObservation(torch.cat(outputs, dim=1), step_grads, step_missing, params_after, losses))
     return seen
 
 

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from moeconf.backends import Backend, Observation, RunRequest, resolve_backend
+from moeconf.backends import Backend, Observation, RunRequest, resolve_backend, with_world_size
 from moeconf.backends.base import (
     EnvironmentFault,
     MultiRankBackend,
@@ -81,6 +81,8 @@ class Selection:
     seed: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of one backend call (a multi-rank session gets it once per case); 0 or inf: none."""
+    world_size: int | None = None
+    """Ranks of every multi-rank backend (``--world-size``); None: each backend's own (2)."""
     program: str = field(default="moeconf", compare=False)
 
 
@@ -104,6 +106,8 @@ def repro_command(sel: Selection, arch: str, backend: str, dtype: str, case: str
         "--seed",
         str(sel.seed),
     ]
+    if sel.world_size is not None:
+        args += ["--world-size", str(sel.world_size)]
     return shlex.join(args)
 
 
@@ -346,11 +350,15 @@ def _session_records(
     try:
         steps_request = None
         if want_steps:
-            # NOTE: a backend on a process group it did not launch (``moeconf.partition`` under
-            # torchrun) has as many ranks as the job; the local backends keep make_steps' 2.
+            # NOTE: one batch per rank: the local backends' world size (``--world-size``), or a job's
+            # under torchrun (``moeconf.partition``); a backend that says nothing gets make_steps' 2.
             world = getattr(backend, "steps_world_size", None)
             kwargs = {} if world is None else {"world_size": world}
-            steps_request, steps_ref = make_steps(entry, DTYPES[dtype], sel.device, seed=sel.seed, **kwargs)
+            # capability flag: the backend's rank job weighs the router losses and accumulates
+            router_losses = bool(getattr(backend, "router_losses_in_steps", False))
+            steps_request, steps_ref = make_steps(
+                entry, DTYPES[dtype], sel.device, seed=sel.seed, router_losses=router_losses, **kwargs
+            )
     except CaseError as exc:  # unusable adversarial inputs: a spec/case mismatch fails the launch
         results, steps_result = [exc] * len(prepared), exc
     else:
@@ -489,7 +497,7 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
 
 def run_selection(sel: Selection) -> Iterator[list[CheckResult]]:
     """Every record of the selection, a (arch, backend, dtype, case) group at a time (for progress)."""
-    backends = {name: resolve_backend(name) for name in sel.backends}
+    backends = {name: with_world_size(resolve_backend(name), sel.world_size) for name in sel.backends}
     for arch in sel.archs:
         entry = get_entry(arch)
         for dtype in sel.dtypes:

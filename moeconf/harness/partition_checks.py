@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from moeconf.backends.base import StepsObservation
-from moeconf.harness.checks import TOLERANCES, Outcome, compare, merge
+import torch
+
+from moeconf.harness.checks import TOLERANCES, Outcome, Tolerance, compare, merge
 from moeconf.harness.steps import StepsReference
 
 STEPS_CASE = "adversarial_steps"
-PARTITION_CHECKS = ("no_hang", "partition_output", "partition_grads", "partition_zero_grads", "partition_params")
+PARTITION_CHECKS = (
+    "no_hang",
+    "partition_output",
+    "partition_losses",
+    "partition_grads",
+    "partition_zero_grads",
+    "partition_params",
+)
 
 
 def steps_outcomes(ref: StepsReference, obs: StepsObservation, dtype: str) -> dict[str, Outcome]:
@@ -41,7 +50,37 @@ def steps_outcomes(ref: StepsReference, obs: StepsObservation, dtype: str) -> di
     return {
         "no_hang": Outcome(True),
         "partition_output": merge(outputs),
+        "partition_losses": _losses_outcome(ref, obs, tol["loss"]),
         "partition_grads": merge(grads),
         "partition_zero_grads": zero,
         "partition_params": merge(params),
     }
+
+
+def _losses_outcome(ref: StepsReference, obs: StepsObservation, tol: Tolerance) -> Outcome:
+    """Each rank's aux and z losses, per step and micro-batch, vs the reference's for that rank's
+    tokens. Their *weight* in the gradient (the effective coefficient under data parallelism and
+    accumulation) is judged by ``partition_grads``, whose reference weighs them the same way."""
+    if not any(r for step in ref.losses for r in step):
+        return Outcome(None, message="the steps weigh no router loss (architecture without one, or the backend's steps do not)")
+    if obs.losses is None:
+        return Outcome(None, message="backend does not report the router losses of its steps")
+    parts, absent = [], []
+    for s, (wants, gots) in enumerate(zip(ref.losses, obs.losses)):
+        for r, (want, got) in enumerate(zip(wants, gots)):
+            for name, values in want.items():
+                seen = got.get(name) if isinstance(got, dict) else None
+                if seen is None or len(seen) != len(values) or any(v is None for v in seen):
+                    absent.append(f"step {s} rank {r}: {name} not computed (got {seen})")
+                    continue
+                parts.append(
+                    compare(
+                        f"step {s} rank {r} {name}",
+                        torch.tensor(seen, dtype=torch.float64),
+                        torch.tensor(values, dtype=torch.float64),
+                        tol,
+                    )
+                )
+    if absent:
+        return Outcome(False, tol=tol, message="; ".join(absent[:2]))
+    return merge(parts)

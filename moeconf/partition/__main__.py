@@ -14,7 +14,8 @@ import time
 from collections.abc import Sequence
 
 from moeconf.backends.base import EnvironmentFault
-from moeconf.backends.partitioned import PartitionedBackend, preflight
+from moeconf.backends.ep_alltoall import EPAllToAllBackend
+from moeconf.backends.partitioned import PartitionedBackend
 from moeconf.cli import (
     _error,
     _groups,
@@ -39,7 +40,7 @@ from moeconf.harness.report import (
     exit_status,
     write_atomically,
 )
-from moeconf.partition.backend import InGroupBackend
+from moeconf.partition.backend import InGroupBackend, LocalBackend, machine_check, world_refusal
 from moeconf.registry import UnknownName
 from moeconf.registry.outside import scoped
 
@@ -77,24 +78,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             use_threads_for_tiny_shapes()
             program = _load_registries(args, PROGRAM)
             sel, backends, audit = _selection(args, program)
-            partitioned = {n: b for n, b in backends.items() if isinstance(b, PartitionedBackend)}
-            wrong = [n for n in backends if n not in partitioned]
+            multi_rank = {n: b for n, b in backends.items() if isinstance(b, PartitionedBackend | EPAllToAllBackend)}
+            wrong = [n for n in backends if n not in multi_rank]
             if wrong:
                 return _usage(
-                    f"{', '.join(wrong)}: not a multi-rank backend of moeconf's rank job (zero3-leaf, zero2-dense, "
-                    "fsdp2-dense and their controls); run it with `moeconf check`",
+                    f"{', '.join(wrong)}: not a multi-rank backend of moeconf (zero3-leaf, zero2-dense, "
+                    "fsdp2-dense, ep-alltoall and their controls); run it with `moeconf check`",
                     launch.rank,
                 )
+            # NOTE: before any rendezvous, from the launcher's WORLD_SIZE: no rank waits for a refusal.
+            refused = [r for n, b in multi_rank.items() if (r := world_refusal(n, b, launch.world_size))]
+            if refused:
+                return _usage(refused[0], launch.rank)
             timeout_s = collective_timeout if collective_timeout is not None else rank_deadline_s()
         except (UnknownName, SettingError, ReportPathError, LaunchEnvError) as exc:
             return _usage(str(exc), None)
-        return _run(args, sel, partitioned, audit, launch.rank, timeout_s)
+        return _run(args, sel, multi_rank, audit, launch.rank, timeout_s)
 
 
 def _run(
     args: argparse.Namespace,
     sel: Selection,
-    backends: dict[str, PartitionedBackend],
+    backends: dict[str, LocalBackend],
     audit: bool,
     rank: int,
     timeout_s: float,
@@ -108,7 +113,7 @@ def _run(
     faults: dict[str, str] = {}
     for name, backend in backends.items():
         try:
-            preflight(name, backend.uses_deepspeed, backend.lock_wait_s)
+            machine_check(name, backend)
         except EnvironmentFault as exc:
             faults[name] = f"rank {rank}: {exc}"
     init_from_env(sel.device, timeout_s)

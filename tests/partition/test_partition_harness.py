@@ -41,7 +41,10 @@ def test_rank_killed_mid_step_is_reported_within_10_s(tmp_path: Path) -> None:
     assert processes_with_env(RUN_ID_ENV, result.run_id) == []
 
 
-@pytest.mark.parametrize("bug", ["lr_doubled", "dirty_idle_grads", "output_scaled"])
+@pytest.mark.parametrize(
+    "bug",
+    ["lr_doubled", "dirty_idle_grads", "output_scaled", "aux_scaled_by_world_size", "aux_detached", "stale_aux"],
+)
 def test_seeded_partition_bug_turns_its_check_red(bug: str) -> None:
     """Each partition check can fail: a rank job with one seeded bug."""
     from tests.partition.seeded_partition import SEEDED_PARTITION

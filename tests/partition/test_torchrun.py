@@ -1,6 +1,7 @@
-"""The rank job under an outside launcher (torchrun, deepspeed, srun): the environment is read as each
-launcher sets it, a hang raises within the group's timeout, and two simulated nodes under torchrun
-give the same records as ``moeconf check`` with moeconf's own launcher."""
+"""The rank jobs under an outside launcher (torchrun, deepspeed, srun): the environment is read as each
+launcher sets it, a hang raises within the group's timeout, the in-group backend turns every rank's
+outcome into the same observation or the same failure, and under torchrun two simulated nodes give
+the same records as ``moeconf check`` with moeconf's own launcher (``zero3-leaf``, ``ep-alltoall``)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from moeconf.backends.base import RankFailure, StepObservation
+from moeconf.backends.ep_alltoall import (
+    EP_ALLTOALL,
+    EP_ALLTOALL_4,
+    EP_NO_COUNT_EXCHANGE,
+    EP_WRONG_SPLITS,
+    ep_observations,
+    ep_reason,
+)
+from moeconf.backends.ep_rank import EPJob, EPResult
+from moeconf.backends.partitioned import ZERO3_LEAF
 from moeconf.distributed import free_port
 from moeconf.distributed.torchrun import (
     SLURM_PORT_BASE,
@@ -22,9 +38,14 @@ from moeconf.distributed.torchrun import (
     first_host,
     read_launch_env,
 )
+from moeconf.partition import backend as in_group
+from moeconf.partition.backend import InGroupBackend, world_refusal
+from moeconf.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHS = ("mixtral", "qwen3_moe", "deepseek_v3")
+# Under transformers 4.x these entries are per-expert ModuleLists, which ep-alltoall declares unsupported.
+EP_UNSUPPORTED = next((f"{a}: {r}" for a in ARCHS if (r := ep_reason(REGISTRY[a])) is not None), None)
 
 SRUN_ENV = {
     "SLURM_PROCID": "5",
@@ -140,6 +161,127 @@ def test_refusals_before_any_group_forms() -> None:
     one_rank = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     single = _partition(["check", "--arch", "mixtral", "--backend", "hf-eager"], one_rank)
     assert single.returncode == 2 and "not a multi-rank backend" in single.stderr
+    pinned = _partition(["check", "--arch", "mixtral", "--backend", "ep-alltoall-4"], one_rank)
+    assert pinned.returncode == 2 and "ep-alltoall-4 runs on 4 ranks and this job has 1" in pinned.stderr
+
+
+# --- the in-group backend, one process standing for rank 0 of 2 (no group) --------------------
+
+PEER_TIMED_OUT = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms"
+
+
+@pytest.fixture
+def two_ranks(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """This process is rank 0 of 2; ``all_gather_object`` gathers its outcome with the rank-1 outcome
+    the test appends (or raises the exception it appends)."""
+    peer: list[object] = []
+
+    def gather(out: list[object], mine: object) -> None:
+        if isinstance(peer[0], BaseException):
+            raise peer[0]
+        out[:] = [mine, peer[0]]
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    return peer
+
+
+def _ep_result(rank: int, steps: bool) -> EPResult:
+    """A rank's result with a sentinel for its one case's observation (nothing here reads it)."""
+    case: Any = object()
+    step = StepObservation(torch.full((1, 2), float(rank)), {"router": torch.ones(2)}, (), {"router": torch.ones(2)})
+    return EPResult(rank, [case], [[]], [step] if steps else None, [[torch.zeros(1), torch.ones(1)]] if steps else None)
+
+
+def _session_args() -> tuple[list[Any], Any]:
+    """One case and the steps as the in-group backend reads them (their entry and dtype only)."""
+    entry = REGISTRY["mixtral"]
+    return [SimpleNamespace(entry=entry, dtype=torch.float32)], SimpleNamespace(entry=entry, batches=[[]])
+
+
+def _session(backend: InGroupBackend) -> tuple[object, object]:
+    return backend.run_session(*_session_args())
+
+
+def test_in_group_ep_runs_the_local_job_and_assembles_its_observation(
+    two_ranks: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs: list[EPJob] = []
+    mine, peer = _ep_result(0, True), _ep_result(1, True)
+
+    def run(job: EPJob) -> EPResult:
+        jobs.append(job)
+        return mine
+
+    monkeypatch.setattr(in_group, "run_ep_job", run)
+    two_ranks.append(peer)
+    backend = InGroupBackend(EP_WRONG_SPLITS)
+    observations, steps_obs = _session(backend)
+    requests, steps = _session_args()
+    assert jobs == [EP_WRONG_SPLITS.job(requests, steps)] and jobs[0].bug == "wrong-splits"
+    assert (observations, steps_obs) == ep_observations([mine, peer], steps)
+    assert observations == mine.cases  # rank 0 gathered the whole batch
+    # the local EP backend's make_steps replicas (2), not the job's ranks; the partitioned ones: the job's
+    assert backend.steps_world_size is None and InGroupBackend(ZERO3_LEAF).steps_world_size == 2
+
+
+@pytest.mark.parametrize("local", [EP_ALLTOALL, EP_NO_COUNT_EXCHANGE])
+def test_a_rank_that_raised_fails_every_rank_with_its_traceback(
+    two_ranks: list[object], monkeypatch: pytest.MonkeyPatch, local: object
+) -> None:
+    def crash(job: EPJob) -> EPResult:
+        raise ValueError("split sizes do not add up\nsecond line")
+
+    monkeypatch.setattr(in_group, "run_ep_job", crash)
+    two_ranks.append(in_group._Failed(1, "RuntimeError: peer", "Traceback ... RuntimeError: peer"))
+    backend = InGroupBackend(local)  # type: ignore[arg-type]
+    with pytest.raises(RankFailure) as failure:
+        _session(backend)
+    assert (
+        failure.value.kind == "crash"
+        and failure.value.summary == "crash: rank 0 raised ValueError: split sizes do not add up"
+    )
+    assert "--- rank 0 ---" in failure.value.detail and "--- rank 1 ---" in failure.value.detail
+    assert "raise ValueError" in failure.value.detail and backend.broken is None  # a crash leaves the group usable
+
+
+def test_a_collective_timeout_is_a_hang_and_later_sessions_do_not_run(
+    two_ranks: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(in_group, "run_ep_job", lambda job: _ep_result(0, False))
+    two_ranks.append(in_group._Failed(1, PEER_TIMED_OUT, "Traceback ..."))
+    backend = InGroupBackend(EP_NO_COUNT_EXCHANGE)
+    with pytest.raises(RankFailure) as failure:
+        _session(backend)
+    assert failure.value.kind == "hang" and failure.value.summary.startswith("hang: rank 1 raised RuntimeError")
+    with pytest.raises(RankFailure, match="not run: a collective of an earlier launch timed out"):
+        _session(backend)
+
+
+def test_an_exchange_that_fails_is_a_hang_on_this_rank(
+    two_ranks: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(in_group, "run_ep_job", lambda job: _ep_result(0, False))
+    two_ranks.append(RuntimeError(PEER_TIMED_OUT))
+    backend = InGroupBackend(EP_ALLTOALL)
+    with pytest.raises(RankFailure) as failure:
+        _session(backend)
+    assert failure.value.kind == "hang" and "rank 0 could not exchange results" in failure.value.summary
+    assert backend.broken is not None
+
+
+def test_only_a_backend_named_for_its_world_is_refused_on_another() -> None:
+    assert world_refusal("ep-alltoall-4", EP_ALLTOALL_4, 4) is None
+    assert world_refusal("ep-alltoall-4", EP_ALLTOALL_4, 2) == (
+        "ep-alltoall-4 runs on 4 ranks and this job has 2: launch 4 ranks, or use ep-alltoall (it runs on the job's ranks)"
+    )
+    for name, local in (
+        ("ep-alltoall", EP_ALLTOALL),
+        ("ep-alltoall-wrong-splits", EP_WRONG_SPLITS),
+        ("zero3-leaf", ZERO3_LEAF),
+    ):
+        assert world_refusal(name, local, 3) is None
 
 
 # --- under torchrun ----------------------------------------------------------------------------
@@ -190,22 +332,29 @@ def test_a_collective_that_never_completes_raises_within_the_group_timeout(tmp_p
     assert time.monotonic() - start < 120
 
 
-@pytest.mark.partition
-def test_two_nodes_under_torchrun_give_the_local_launchers_records(tmp_path: Path) -> None:
-    """2 simulated nodes x 2 ranks (4 ranks, ZeRO-3 sharded over 4) against ``moeconf check``'s
-    2 local ranks: the same status for every (arch, case, check); rank 0 alone writes the report."""
-    pytest.importorskip("deepspeed")
-    from moeconf.harness.engine import Selection, run_selection
+Records = dict[tuple[str, str, str], str]
 
+
+def _nodes_under_torchrun(
+    tmp_path: Path,
+    nnodes: int,
+    nproc: int,
+    backend: str,
+    more: tuple[str, ...] = ("--arch", *ARCHS),
+    exit_code: int = 0,
+) -> tuple[list[dict[str, Any]], float]:
+    """``moeconf.partition check --backend backend *more`` on ``nnodes`` simulated nodes x ``nproc`` ranks
+    (one torchrun agent per node, all on this machine): rank 0's report's records and the wall time.
+    Every agent must exit ``exit_code`` and exactly one report be written."""
     endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    outputs = [tmp_path / f"node{n}.json" for n in (0, 1)]
+    outputs = [tmp_path / f"node{n}.json" for n in range(nnodes)]
     start = time.monotonic()
     nodes = [
         subprocess.Popen(
             _torchrun(
-                2,
-                2,
+                nnodes,
+                nproc,
                 endpoint,
                 [
                     "--node-rank",  # NOTE: c10d ignores it (it ranks the agents by arrival); given as a user would
@@ -213,10 +362,9 @@ def test_two_nodes_under_torchrun_give_the_local_launchers_records(tmp_path: Pat
                     "-m",
                     "moeconf.partition",
                     "check",
-                    "--arch",
-                    *ARCHS,
+                    *more,
                     "--backend",
-                    "zero3-leaf",
+                    backend,
                     "--format",
                     "json",
                     "--output",
@@ -230,7 +378,7 @@ def test_two_nodes_under_torchrun_give_the_local_launchers_records(tmp_path: Pat
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for n in (0, 1)
+        for n in range(nnodes)
     ]
     logs = []
     try:
@@ -241,16 +389,62 @@ def test_two_nodes_under_torchrun_give_the_local_launchers_records(tmp_path: Pat
             if node.poll() is None:
                 node.kill()
                 node.wait()
-    torchrun_s = time.monotonic() - start
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    seconds = time.monotonic() - start
+    assert [node.returncode for node in nodes] == [exit_code] * nnodes, "\n".join(log[-3000:] for log in logs)
     written = [p for p in outputs if p.exists()]
     assert len(written) == 1, f"reports written: {written}"
-    remote = {(r["arch"], r["case"], r["check"]): r["status"] for r in json.loads(written[0].read_text())["results"]}
+    return json.loads(written[0].read_text())["results"], seconds
+
+
+def _statuses(records: list[dict[str, Any]]) -> Records:
+    return {(r["arch"], r["case"], r["check"]): r["status"] for r in records}
+
+
+def _local_launcher(backend: str) -> tuple[Records, float]:
+    """The same selection with moeconf's own launcher (``moeconf check``'s engine)."""
+    from moeconf.harness.engine import Selection, run_selection
 
     start = time.monotonic()
-    sel = Selection(archs=ARCHS, backends=("zero3-leaf",))
-    local = {(r.arch, r.case, r.check): r.status for group in run_selection(sel) for r in group}
-    local_s = time.monotonic() - start
+    sel = Selection(archs=ARCHS, backends=(backend,))
+    local: Records = {(r.arch, r.case, r.check): r.status for group in run_selection(sel) for r in group}
+    return local, time.monotonic() - start
+
+
+@pytest.mark.partition
+def test_two_nodes_under_torchrun_give_the_local_launchers_records(tmp_path: Path) -> None:
+    """2 simulated nodes x 2 ranks (4 ranks, ZeRO-3 sharded over 4) against ``moeconf check``'s
+    2 local ranks: the same status for every (arch, case, check); rank 0 alone writes the report."""
+    pytest.importorskip("deepspeed")
+    records, torchrun_s = _nodes_under_torchrun(tmp_path, 2, 2, "zero3-leaf")
+    remote = _statuses(records)
+    local, local_s = _local_launcher("zero3-leaf")
     assert remote == local
     assert {a for a, _, _ in remote} == set(ARCHS) and any(c == "adversarial_steps" for _, c, _ in remote)
     print(f"torchrun 2x2: {torchrun_s:.0f} s; local launcher 2 ranks: {local_s:.0f} s")
+
+
+@pytest.mark.partition
+@pytest.mark.skipif(EP_UNSUPPORTED is not None, reason=f"ep-alltoall does not run here ({EP_UNSUPPORTED})")
+def test_expert_parallel_on_two_nodes_under_torchrun_gives_the_local_launchers_records(tmp_path: Path) -> None:
+    """``ep-alltoall`` on 2 simulated nodes x 2 ranks: experts and tokens split over the job's 4
+    ranks, dispatched with all_to_all across the "nodes", against ``ep-alltoall-4`` on 4 local
+    ranks: the same status for every (arch, case, check)."""
+    records, torchrun_s = _nodes_under_torchrun(tmp_path, 2, 2, "ep-alltoall")
+    remote = _statuses(records)
+    local, local_s = _local_launcher("ep-alltoall-4")
+    assert remote == local
+    assert {a for a, _, _ in remote} == set(ARCHS) and any(c == "adversarial_steps" for _, c, _ in remote)
+    assert any(status == "pass" for status in remote.values())
+    print(f"torchrun 2x2 ep-alltoall: {torchrun_s:.0f} s; local launcher ep-alltoall-4: {local_s:.0f} s")
+
+
+@pytest.mark.partition
+@pytest.mark.skipif(EP_UNSUPPORTED is not None, reason=f"ep-alltoall does not run here ({EP_UNSUPPORTED})")
+def test_an_expert_parallel_negative_control_under_torchrun_is_caught(tmp_path: Path) -> None:
+    """``ep-alltoall-wrong-splits``: gloo refuses the all-to-all on some rank; every rank hears of it
+    through the results' all-gather and records the same ``crash`` (exit 1 everywhere, a report)."""
+    records, _ = _nodes_under_torchrun(
+        tmp_path, 1, 2, "ep-alltoall-wrong-splits", ("--arch", "mixtral", "--case", "random"), exit_code=1
+    )
+    assert records and all(r["status"] == "fail" for r in records)
+    assert "crash: rank" in records[0]["message"] and "inLengthPerRank" in records[0]["message"]

@@ -1,7 +1,10 @@
 """Partition suite: the multi-rank backends (DeepSpeed ZeRO-2/3, FSDP2 on 2 CPU ranks, gloo) against the
 reference, replicated cases plus the adversarial steps, and the negative controls.
 
-Runs under transformers 5.x and 4.57.x (``nox -s partition``). Under 4.57, per-expert ModuleLists make
+Every registered architecture by default (``MOECONF_ARCHS`` narrows it): the backends' rank pools keep
+their ranks up from one architecture to the next, so the whole matrix costs seconds per architecture,
+not a fresh torch + DeepSpeed import per launch. Runs under transformers 5.x and 4.57.x
+(``nox -s partition``). Under 4.57, per-expert ModuleLists make
 the negative controls go wrong for real; under 5.x fused experts change that, and the test records
 what actually happens.
 """
@@ -25,8 +28,9 @@ from moeconf.registry import REGISTRY, TRANSFORMERS_MAJOR
 from moeconf.suites import matrix, suite_backends
 from moeconf.suites.run import require_device, run_and_judge
 
-DEFAULT_ARCHS = [a for a in ("mixtral", "qwen3_moe", "deepseek_v3") if a in REGISTRY]
-MATRIX = matrix("partition", archs=DEFAULT_ARCHS, dtypes=("fp32",))
+MATRIX = matrix("partition", dtypes=("fp32",))
+REQUIRED = {"output", "grad_experts", "no_hang", "partition_grads", "partition_zero_grads", "partition_params"}
+"""Checks every supported architecture must have judged (passed, or failed as declared upstream)."""
 LEGACY = TRANSFORMERS_MAJOR < 5
 
 pytestmark = [pytest.mark.partition, getattr(pytest.mark, MATRIX.device)]
@@ -51,15 +55,8 @@ def test_partitioned_backend_matches_the_reference(arch: str, backend: str, dtyp
         cases=("random", "empty_expert", STEPS_CASE),
     )
     records = run_and_judge(sel)
-    passed = {r.check for r in records if r.status == "pass"}
-    assert {
-        "output",
-        "grad_experts",
-        "no_hang",
-        "partition_grads",
-        "partition_zero_grads",
-        "partition_params",
-    } <= passed
+    judged = {r.check for r in records if r.status in ("pass", "xfail")}
+    assert REQUIRED <= judged, f"not judged: {sorted(REQUIRED - judged)}"
 
 
 # What the negative controls do. Under 4.57 every one must be caught; under 5.x this records the
