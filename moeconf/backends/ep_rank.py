@@ -41,9 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeconf.backends.base import Observation, RunRequest, StepObservation, StepsRequest
+from moeconf.backends.hf import recorded_router_logits
 from moeconf.hf.block import (
     build_block,
     cast_like_from_pretrained,
+    framework_losses,
     load_params,
     recording,
     to_canonical,
@@ -311,15 +313,34 @@ def run_case(job: EPJob, case: RunRequest) -> tuple[Observation, list[Traffic]]:
     grads["input"] = grad_input.reshape(case.hidden.shape) if grad_input is not None else None
     output = _gather_rows(out.detach().reshape(-1, h))
     assert output is not None
+    aux, z = _global_router_losses(entry, rec, case.attention_mask)
     obs = Observation(
         output=output.reshape(case.hidden.shape),
         topk_index=_gather_rows(index),
         topk_weights=_gather_rows(weights),
         router_logits=_gather_rows(rec.router_logits(entry)),
+        aux_loss=aux,
+        z_loss=z,
+        recorded_router_logits=rec.recorded_count,
         grads=grads,
         missing_grads=missing,
-    )  # aux/z losses are not reported (see docs/expert-parallel.md): their checks skip
+    )  # the losses' gradients are not reported (see docs/expert-parallel.md): grad_aux_loss skips
     return obs, ep.traffic
+
+
+def _global_router_losses(
+    entry: ArchEntry, rec: Any, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The aux and z losses of the *whole* batch, by the model's own loss functions, from every rank's
+    recorded router logits gathered in token order: the statistics (tokens per expert, mean router
+    probability) are global, as Megatron's and DeepSpeed-MoE's expert-parallel aux losses are,
+    not each rank's slice's. Values only (detached)."""
+    local = recorded_router_logits(entry, rec)
+    gathered = [_gather_rows(t.reshape(-1, t.shape[-1])) for t in local]
+    if not gathered or any(t is None for t in gathered):
+        return None, None
+    aux, z = framework_losses(entry, [t for t in gathered if t is not None], attention_mask)
+    return (None if aux is None else aux.detach()), (None if z is None else z.detach())
 
 
 def run_steps(job: EPJob, steps: StepsRequest) -> tuple[list[StepObservation], list[list[torch.Tensor]]]:

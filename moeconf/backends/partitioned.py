@@ -275,6 +275,20 @@ class PartitionedBackend:
     def deadline(self) -> float:
         return launch_deadline(self.deadline_s)
 
+    def job(self, requests: list[RunRequest], steps: StepsRequest | None) -> RankJob:
+        """What every rank runs for these requests (here, or in a torchrun job: ``moeconf.partition``)."""
+        first = requests[0] if requests else steps
+        assert first is not None
+        return RankJob(
+            entry=first.entry,
+            strategy=self.strategy,
+            leaf=self.leaf,
+            dense=self.dense,
+            dtype=first.dtype,
+            cases=tuple(requests),
+            steps=steps,
+        )
+
     def run_session(
         self, requests: list[RunRequest], steps: StepsRequest | None
     ) -> tuple[list[Observation], StepsObservation | None]:
@@ -284,15 +298,7 @@ class PartitionedBackend:
             return [], None
         deadline_s = self.deadline()
         preflight(self.name, self.uses_deepspeed, self.lock_wait_s)
-        job = RankJob(
-            entry=first.entry,
-            strategy=self.strategy,
-            leaf=self.leaf,
-            dense=self.dense,
-            dtype=first.dtype,
-            cases=tuple(requests),
-            steps=steps,
-        )
+        job = self.job(requests, steps)
         env = {"DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
         per_rank: list[RankResult] = launch(
             self.name, self.rank_fn, job, self.world_size, deadline_s, env, self.reuse_ranks

@@ -220,7 +220,9 @@ def run_steps(job: RankJob, steps: StepsRequest) -> list[StepObservation]:
     engine = _engine(job, steps.params, lr=steps.lr, accumulation=steps.accumulation)
     seen = []
     for batch, grad_output in zip(steps.batches, steps.grad_outputs):
-        micro = list(zip(micro_batches(batch[rank], steps.accumulation), micro_batches(grad_output[rank], steps.accumulation)))
+        micro = list(
+            zip(micro_batches(batch[rank], steps.accumulation), micro_batches(grad_output[rank], steps.accumulation))
+        )
         outputs, losses = [], {}  # type: ignore[var-annotated]
         for m, (x, g) in enumerate(micro):
             out, _, _, micro_losses = _forward_backward(job, engine, x, g, steps)

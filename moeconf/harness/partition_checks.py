@@ -62,7 +62,9 @@ def _losses_outcome(ref: StepsReference, obs: StepsObservation, tol: Tolerance) 
     tokens. Their *weight* in the gradient (the effective coefficient under data parallelism and
     accumulation) is judged by ``partition_grads``, whose reference weighs them the same way."""
     if not any(r for step in ref.losses for r in step):
-        return Outcome(None, message="the steps weigh no router loss (architecture without one, or the backend's steps do not)")
+        return Outcome(
+            None, message="the steps weigh no router loss (architecture without one, or the backend's steps do not)"
+        )
     if obs.losses is None:
         return Outcome(None, message="backend does not report the router losses of its steps")
     parts, absent = [], []

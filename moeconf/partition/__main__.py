@@ -87,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     launch.rank,
                 )
             # NOTE: before any rendezvous, from the launcher's WORLD_SIZE: no rank waits for a refusal.
+            if sel.world_size is not None and sel.world_size != launch.world_size:
+                return _usage(
+                    f"--world-size {sel.world_size}: this job's ranks are the launcher's (WORLD_SIZE="
+                    f"{launch.world_size}); drop --world-size or launch {sel.world_size} ranks",
+                    launch.rank,
+                )
             refused = [r for n, b in multi_rank.items() if (r := world_refusal(n, b, launch.world_size))]
             if refused:
                 return _usage(refused[0], launch.rank)

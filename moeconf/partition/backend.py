@@ -37,7 +37,7 @@ from moeconf.backends.base import (
 from moeconf.backends.ep_alltoall import DEFAULT_WORLD_SIZE, EPAllToAllBackend, ep_observations
 from moeconf.backends.ep_rank import run_ep_job
 from moeconf.backends.partitioned import HEADLINE_MAX, PartitionedBackend, preflight
-from moeconf.backends.rank_job import RankJob, RankResult, run_job
+from moeconf.backends.rank_job import RankResult, run_job
 from moeconf.registry.entry import ArchEntry
 
 LocalBackend = PartitionedBackend | EPAllToAllBackend
@@ -141,7 +141,7 @@ class InGroupBackend:
         if isinstance(self.local, EPAllToAllBackend):
             ep_job = self.local.job(requests, steps)
             return ep_observations(self._exchange(lambda: run_ep_job(ep_job)), steps)
-        job = _rank_job(self.local, requests, steps)
+        job = self.local.job(requests, steps)
         return _partitioned_observations(self._exchange(lambda: run_job(job)), steps)
 
     def _exchange(self, run: Callable[[], R]) -> list[R]:
@@ -177,21 +177,6 @@ class InGroupBackend:
             detail = "\n".join(f"--- rank {f.rank} ---\n{f.trace.rstrip()}" for f in failed)
             raise RankFailure(kind, _clip(head), detail)
         return cast(list[R], gathered)  # every rank answered and none failed
-
-
-def _rank_job(local: PartitionedBackend, requests: list[RunRequest], steps: StepsRequest | None) -> RankJob:
-    """The job ``PartitionedBackend.run_session`` launches, for the same requests."""
-    first = requests[0] if requests else steps
-    assert first is not None
-    return RankJob(
-        entry=first.entry,
-        strategy=local.strategy,
-        leaf=local.leaf,
-        dense=local.dense,
-        dtype=first.dtype,
-        cases=tuple(requests),
-        steps=steps,
-    )
 
 
 def _partitioned_observations(

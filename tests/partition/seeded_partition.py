@@ -23,7 +23,9 @@ aux_scaled_by_world_size = PartitionedBackend(
 aux_detached = PartitionedBackend(
     "zero3-aux-detached", "zero3", leaf=True, rank_fn="tests.partition.rank_fns:run_job_aux_detached"
 )
-stale_aux = PartitionedBackend("fsdp2-stale-aux", "fsdp2", dense=True, rank_fn="tests.partition.rank_fns:run_job_stale_aux")
+stale_aux = PartitionedBackend(
+    "fsdp2-stale-aux", "fsdp2", dense=True, rank_fn="tests.partition.rank_fns:run_job_stale_aux"
+)
 
 # bug → partition checks that must go red, and those that must stay green
 SEEDED_PARTITION: dict[str, tuple[set[str], set[str]]] = {
