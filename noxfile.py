@@ -35,6 +35,8 @@ PROBES = {
         "else:\n import torch, torch_npu; print('yes' if torch.npu.is_available() else 'no')"
     ),
 }
+COUNT_PROBE = "from moeconf.devices import device_count; import sys; print(device_count(sys.argv[1]))"
+MIN_PARTITION_DEVICES = 2
 NO_TESTS = 5  # pytest's exit code when nothing was collected
 TEST_PATHS = ("tests", "moeconf/suites")
 
@@ -109,21 +111,38 @@ def _example_tests(session: nox.Session) -> None:
 
 def _device_parity(session: nox.Session, device: str) -> None:
     """The parity suite on an accelerator, fp32 and bf16, after the device probe; the backends are
-    the suite's computed list for that device."""
+    the suite's computed list for that device. Then the partition suite, one rank per device."""
     _require_device(session, device)
     _install(session)
     _pytest(session, "parity", env={"MOECONF_DEVICE": device, "MOECONF_DTYPES": "fp32,bf16"})
+    _device_partition(session, device)
+
+
+def _device_partition(session: nox.Session, device: str) -> None:
+    """The partition suite on the machine's devices (NCCL on CUDA, HCCL on NPU; the collective
+    timeout and moeconf's watchdog turn NCCL's hang-instead-of-raise into a ``no_hang`` failure with
+    every rank's stack). Skipped, with the reason, below 2 devices. One pytest worker: every test's
+    ranks take all the devices."""
+    count = int(subprocess.run([PYTHON, "-c", COUNT_PROBE, device], capture_output=True, text=True).stdout.strip() or 0)
+    if count < MIN_PARTITION_DEVICES:
+        session.log(
+            f"partition suite skipped: {count} {device} device(s), the multi-rank backends need {MIN_PARTITION_DEVICES}"
+        )
+        return
+    # the suite's tests carry the device's marker; tests/partition's launcher tests are CPU-only
+    _pytest(session, f"partition and {device}", env={"MOECONF_DEVICE": device}, workers="0")
 
 
 @nox.session(venv_backend="none")
 def cuda(session: nox.Session) -> None:
-    """Parity suite on CUDA, fp32 and bf16."""
+    """Parity suite on CUDA, fp32 and bf16; the partition suite on >= 2 GPUs (NCCL)."""
     _device_parity(session, "cuda")
 
 
 @nox.session(venv_backend="none")
 def npu(session: nox.Session) -> None:
-    """Parity suite on Ascend NPU with the image's torch + torch_npu + CANN."""
+    """Parity suite on Ascend NPU with the image's torch + torch_npu + CANN; the partition suite on
+    >= 2 NPUs (HCCL)."""
     _device_parity(session, "npu")
 
 

@@ -101,6 +101,17 @@ def device_available(device: str) -> bool:
     return False
 
 
+def device_count(device: str) -> int:
+    """How many ``device`` devices the ranks can be spread over (CPU: any number of ranks share it)."""
+    if not device_available(device):
+        return 0
+    if device == "cuda":
+        return torch.cuda.device_count()
+    if device == "npu":
+        return int(torch.npu.device_count())  # type: ignore[attr-defined]
+    return 1 << 30
+
+
 def use_threads_for_tiny_shapes() -> None:
     """One intra-op thread unless ``MOECONF_THREADS`` says otherwise (``SettingError`` if invalid).
 

@@ -38,11 +38,12 @@ from moeconf.backends.base import (
 )
 from moeconf.backends.dense import dense_reason
 from moeconf.backends.rank_job import RankJob, RankResult, Strategy
-from moeconf.devices import SettingError, device_available, rank_deadline_s
+from moeconf.devices import SettingError, device_available, device_count, rank_deadline_s
 from moeconf.distributed import MultiRankResult, RankOutcome, run_ranks
 from moeconf.distributed.deepspeed_env import LOCK_WAIT_S, extensions_fix, extensions_root, prepare_deepspeed_cpu
 from moeconf.distributed.environment import EnvironmentProblem, check_free_port, check_temp_dir, environment_cause
 from moeconf.distributed.launcher import importing_module, pooled_run
+from moeconf.distributed.torchrun import COMM_BACKENDS
 from moeconf.registry.entry import ArchEntry
 
 HEADLINE_MAX = 400
@@ -75,7 +76,7 @@ def _deepspeed_installed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def preflight(backend_name: str, uses_deepspeed: bool, lock_wait_s: float = LOCK_WAIT_S) -> None:
+def preflight(backend_name: str, uses_deepspeed: bool, lock_wait_s: float = LOCK_WAIT_S, device: str = "cpu") -> None:
     """Faults of the machine that would make the ranks die or wait for reasons unrelated to the MoE
     code, raised as ``EnvironmentFault`` (one line naming the path or resource and the fix).
 
@@ -91,7 +92,8 @@ def preflight(backend_name: str, uses_deepspeed: bool, lock_wait_s: float = LOCK
                 raise EnvironmentProblem(
                     f"deepspeed is not installed and {backend_name} needs it: pip install 'moeconf[deepspeed]'"
                 )
-            _deepspeed_ready(_cache_vars(), lock_wait_s)
+            if device == "cpu":  # DeepSpeed's CPU comm op; on CUDA/NPU the collectives are NCCL/HCCL
+                _deepspeed_ready(_cache_vars(), lock_wait_s)
     except EnvironmentProblem as exc:
         raise EnvironmentFault(str(exc)) from None
 
@@ -190,7 +192,14 @@ def headline(result: MultiRankResult) -> str:
 
 
 def launch(
-    name: str, rank_fn: str, job: object, world_size: int, deadline_s: float, env: dict[str, str], reuse_ranks: bool
+    name: str,
+    rank_fn: str,
+    job: object,
+    world_size: int,
+    deadline_s: float,
+    env: dict[str, str],
+    reuse_ranks: bool,
+    device: str = "cpu",
 ) -> list:  # type: ignore[type-arg]
     """Every rank's return value of ``rank_fn(job)``: on the pool of (``name``, ``rank_fn``,
     ``world_size``, ``env``) when ``reuse_ranks``, else on fresh ranks. ``RankFailure`` on a hang or
@@ -200,11 +209,12 @@ def launch(
     The key holds the backend's name so that two backends never share processes: a negative
     control's rank state (a DeepSpeed config switched off, a patched function) cannot reach the
     real backend's jobs."""
+    comm = COMM_BACKENDS[device]  # gloo / nccl / hccl; each rank on its own device (LOCAL_RANK)
     if reuse_ranks:
-        key = ("moeconf-backend", name, rank_fn, world_size, tuple(sorted(env.items())))
-        result = pooled_run(key, rank_fn, (job,), world_size=world_size, deadline_s=deadline_s, env=env)
+        key = ("moeconf-backend", name, rank_fn, world_size, comm, tuple(sorted(env.items())))
+        result = pooled_run(key, rank_fn, (job,), world_size=world_size, deadline_s=deadline_s, env=env, backend=comm)
     else:
-        result = run_ranks(rank_fn, (job,), world_size=world_size, deadline_s=deadline_s, env=env)
+        result = run_ranks(rank_fn, (job,), world_size=world_size, deadline_s=deadline_s, env=env, backend=comm)
     if result.status != "ok":
         cause = environment_verdict(result)
         if cause is not None:
@@ -225,6 +235,14 @@ def launch_deadline(deadline_s: float | None) -> float:
         raise EnvironmentFault(str(exc)) from None
 
 
+def ranks_reason(name: str, world_size: int, device: str) -> str | None:
+    """Why ``world_size`` ranks cannot run on ``device`` here (one rank per CUDA/NPU device), else None."""
+    available = device_count(device)
+    if available >= world_size:
+        return None
+    return f"{name} needs {world_size} {device} devices (one per rank), this machine has {available}"
+
+
 @dataclass
 class PartitionedBackend:
     """A block sharded over ``world_size`` local ranks (gloo on CPU); a ``MultiRankBackend``."""
@@ -237,7 +255,8 @@ class PartitionedBackend:
     deadline_s: float | None = None
     """Seconds before the launch counts as hung; None: ``MOECONF_DEADLINE_S`` (default 120), read
     at each launch."""
-    devices: tuple[str, ...] = ("cpu",)
+    devices: tuple[str, ...] = ("cpu", "cuda", "npu")
+    """One rank per device on CUDA/NPU (NCCL/HCCL): ``supports()`` refuses when there are fewer."""
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     rank_fn: str = "moeconf.backends.rank_job:run_job"
     negative_control: bool = False
@@ -264,6 +283,9 @@ class PartitionedBackend:
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
         if device not in self.devices or not device_available(device):
             return f"{self.name} runs on {', '.join(self.devices)} only"
+        reason = ranks_reason(self.name, self.world_size, device)
+        if reason is not None:
+            return reason
         if self.dense:
             return dense_reason(entry)
         return None
@@ -287,6 +309,7 @@ class PartitionedBackend:
             dtype=first.dtype,
             cases=tuple(requests),
             steps=steps,
+            device=first.device,
         )
 
     def run_session(
@@ -297,11 +320,11 @@ class PartitionedBackend:
         if first is None:
             return [], None
         deadline_s = self.deadline()
-        preflight(self.name, self.uses_deepspeed, self.lock_wait_s)
+        preflight(self.name, self.uses_deepspeed, self.lock_wait_s, first.device)
         job = self.job(requests, steps)
-        env = {"DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+        env = {"DS_ACCELERATOR": first.device, "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
         per_rank: list[RankResult] = launch(
-            self.name, self.rank_fn, job, self.world_size, deadline_s, env, self.reuse_ranks
+            self.name, self.rank_fn, job, self.world_size, deadline_s, env, self.reuse_ranks, first.device
         )
         steps_obs = None if steps is None else steps_observation([r.steps or [] for r in per_rank])
         return per_rank[0].cases, steps_obs

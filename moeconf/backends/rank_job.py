@@ -6,6 +6,7 @@ Runs inside ``moeconf.distributed.run_ranks`` (``torch.distributed`` already ini
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,9 @@ class RankJob:
     dtype: torch.dtype
     cases: tuple[RunRequest, ...]
     steps: StepsRequest | None
+    device: str = "cpu"
+    """Where each rank runs: ``cpu`` (gloo), or its own ``cuda``/``npu`` device (NCCL/HCCL), selected
+    by the launcher before the group formed."""
 
 
 class Wrapper(nn.Module):
@@ -78,7 +82,17 @@ def _block(job: RankJob, params: Params) -> nn.Module:
     load_params(job.entry, block, params)
     if job.dense:
         apply_dense_patch(block, job.entry)
-    return cast_like_from_pretrained(job.entry, block, job.dtype).train(job.entry.train_mode)
+    block = cast_like_from_pretrained(job.entry, block, job.dtype).train(job.entry.train_mode)
+    return block.to(_device(job))
+
+
+def _device(job: RankJob) -> torch.device:
+    """This rank's device (the current CUDA/NPU device the launcher selected, or the CPU)."""
+    if job.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    if job.device == "npu":
+        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
+    return torch.device("cpu")
 
 
 def _deepspeed_engine(job: RankJob, block: nn.Module, lr: float, accumulation: int) -> Engine:
@@ -132,7 +146,7 @@ def _fsdp2_engine(job: RankJob, block: nn.Module, lr: float, accumulation: int) 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(job.device, (dist.get_world_size(),))
     model = Wrapper(block)
     fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -175,13 +189,15 @@ def _forward_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, Any, dict[str, float | None]]:
     """One forward and backward of ``⟨out, G⟩`` (plus, for ``steps`` that weigh them, the router
     losses of these tokens): the output, the input's gradient, the recording, the router losses."""
-    x = hidden.to(job.dtype).requires_grad_(True)  # NOTE: a ZeRO-3 leaf needs an input that requires grad
+    device = _device(job)
+    # NOTE: a ZeRO-3 leaf needs an input that requires grad
+    x = hidden.to(device=device, dtype=job.dtype).requires_grad_(True)
     with recording(job.entry, engine.block) as rec:
         out = engine.model(x)
-    loss = (out.float() * grad_output.float()).sum()
+    loss = (out.float() * grad_output.to(device).float()).sum()
     seen: dict[str, float | None] = {}
     if steps is not None and steps.weighs_router_losses:
-        mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=device)
         aux, z = framework_losses(job.entry, recorded_router_logits(job.entry, rec), mask)
         loss, seen = step_loss(steps, loss, {"aux_loss": aux, "z_loss": z})
     engine.backward(loss)
@@ -210,7 +226,21 @@ def run_case(job: RankJob, case: RunRequest) -> Observation:
     out, grad_input, rec, _ = _forward_backward(job, engine, case.hidden, case.grad_output)
     grads, missing = _gathered(job, engine, engine.full_grad)
     grads["input"] = grad_input
-    return observation_of(job.entry, rec, out, case.attention_mask, grads, missing)
+    return _on_cpu(observation_of(job.entry, rec, out, case.attention_mask.to(_device(job)), grads, missing))
+
+
+def _on_cpu(obs: Observation) -> Observation:
+    """The observation with every tensor on the CPU: it is pickled back to a parent that may have no
+    accelerator (and must not hold the ranks' device memory)."""
+
+    def cpu(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu()
+        if isinstance(value, dict):
+            return {k: cpu(v) for k, v in value.items()}
+        return value
+
+    return dataclasses.replace(obs, **{f.name: cpu(getattr(obs, f.name)) for f in dataclasses.fields(obs)})
 
 
 def run_steps(job: RankJob, steps: StepsRequest) -> list[StepObservation]:
@@ -235,7 +265,8 @@ def run_steps(job: RankJob, steps: StepsRequest) -> list[StepObservation]:
         engine.step()
         engine.zero_grad()
         params_after = _gathered(job, engine, engine.full_param)[0]
-        seen.append(StepObservation(torch.cat(outputs, dim=1), step_grads, step_missing, params_after, losses))
+        output = torch.cat(outputs, dim=1).cpu()
+        seen.append(StepObservation(output, step_grads, step_missing, params_after, losses))
     return seen
 
 

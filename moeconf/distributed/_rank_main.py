@@ -152,6 +152,18 @@ def _init_process_group(backend: str, timeout_s: float) -> None:
 
     import torch.distributed as dist
 
+    # NOTE: NCCL/HCCL need the rank's own device selected before the group forms, or every rank
+    # lands on device 0; ranks are local, so the rank is the device index.
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(local_rank)
+    elif backend == "hccl":
+        import torch
+        import torch_npu  # type: ignore[import-not-found]  # noqa: F401  (registers torch.npu and hccl)
+
+        torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
