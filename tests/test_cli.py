@@ -166,3 +166,23 @@ def test_unwritable_report_path_is_a_one_line_error(capsys: pytest.CaptureFixtur
 def test_a_run_where_everything_is_skipped_is_not_green(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--arch", "gpt_oss", "--backend", "npu-gmm", "--case", "random", "--quiet"]) == 2
     assert "nothing was checked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1", "17", "four"])
+def test_world_size_out_of_range_exits_2(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["check", "--arch", "mixtral", "--backend", "zero3-leaf", "--world-size", value])
+    assert exc.value.code == 2
+    assert "world size" in capsys.readouterr().err
+
+
+def test_world_size_resizes_multi_rank_backends_only_and_reaches_the_repro() -> None:
+    from moeconf.backends import resolve_backend, with_world_size
+    from moeconf.harness.engine import Selection, repro_command
+
+    assert with_world_size(resolve_backend("zero3-leaf"), 4).world_size == 4  # type: ignore[attr-defined]
+    eager = resolve_backend("hf-eager")
+    assert with_world_size(eager, 4) is eager
+    sel = Selection(archs=("mixtral",), backends=("zero3-leaf",), world_size=4)
+    line = repro_command(sel, "mixtral", "zero3-leaf", "fp32", "adversarial_steps", "no_hang")
+    assert shlex.split(line)[-2:] == ["--world-size", "4"]
