@@ -46,6 +46,7 @@ from moeconf.harness.report import (
 )
 from moeconf.registry import REGISTRY, UnknownName, all_entries, get_entry
 from moeconf.registry.outside import load_entry_points, load_registry, outside_entries, scoped
+from moeconf.registry.versions import absent_reason, runs_on
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -384,7 +385,7 @@ def _list(args: argparse.Namespace) -> int:
     for entry in entries.values():
         statuses = {}
         for name, backend in backends.items():
-            reason = backend.supports(entry, "fp32", args.device)
+            reason = absent_reason(entry.model_type) or backend.supports(entry, "fp32", args.device)
             declared = [x for x in entry.expectations if x.backend in (None, name)]
             if reason is not None:
                 statuses[name] = {"status": "unsupported", "reason": reason}
@@ -392,17 +393,37 @@ def _list(args: argparse.Namespace) -> int:
                 statuses[name] = {"status": declared[0].status, "reason": declared[0].reason}
             else:
                 statuses[name] = {"status": "supported", "reason": ""}
-        rows.append({"model_type": entry.model_type, "block_class": entry.block_class, "backends": statuses})
+        rows.append(
+            {
+                "model_type": entry.model_type,
+                "block_class": entry.block_class,
+                "transformers": runs_on(entry.model_type),  # the releases it runs on (">=5.7.0")
+                "backends": statuses,
+            }
+        )
     for model_type, reason in sorted(DECLARED_UNSUPPORTED.items()):
         if model_type in entries:  # an outside entry fills the gap
             continue
         unsupported = {"status": "unsupported", "reason": reason}
-        rows.append({"model_type": model_type, "block_class": "-", "backends": dict.fromkeys(backends, unsupported)})
+        rows.append(
+            {
+                "model_type": model_type,
+                "block_class": "-",
+                "transformers": "",
+                "backends": dict.fromkeys(backends, unsupported),
+            }
+        )
     if args.format == "json":
         _write(sys.stdout, json.dumps({"architectures": rows}, indent=1) + "\n")
         return EXIT_OK
-    table = [["model_type", "block", *backends]] + [
-        [row["model_type"], row["block_class"], *(row["backends"][n]["status"] for n in backends)] for row in rows
+    table = [["model_type", "block", "transformers", *backends]] + [
+        [
+            row["model_type"],
+            row["block_class"],
+            row["transformers"] or "-",
+            *(row["backends"][n]["status"] for n in backends),
+        ]
+        for row in rows
     ]
     notes = [
         f"- {row['model_type']} / {n}: {s['status']}: {s['reason']}"

@@ -32,6 +32,9 @@ class RunRequest:
         grad_output: ``[B, S, H]`` float64 cotangent; backpropagate ``⟨output, grad_output⟩``.
         dtype: compute dtype of the backend (parameters and input are cast to it).
         device: ``"cpu"``, ``"cuda"``, ``"npu"``.
+        token_types: ``[B, S]`` int64 token-type ids choosing each token's expert set, for an entry
+            whose spec has ``token_sets`` (the block gets them as ``entry.token_types_kwarg``); None
+            for every other entry.
     """
 
     entry: ArchEntry
@@ -41,6 +44,7 @@ class RunRequest:
     grad_output: torch.Tensor
     dtype: torch.dtype
     device: str
+    token_types: torch.Tensor | None = None
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import nn
 from moeconf.params import param_shapes
 from moeconf.registry.entry import ArchEntry
 from moeconf.registry.layouts import LAYOUTS, split_to_canonical
-from moeconf.spec import ExpertSpec, RouterSpec
+from moeconf.spec import ExpertSpec, MoESpec, RouterSpec
 
 # NOTE: the expert math below is written again on purpose rather than imported from moeconf.reference:
 # the dense block is code under test, and a backend that called the reference could never disagree with it.
@@ -88,6 +88,22 @@ def _all_experts(experts: ExpertSpec, canon: dict[str, torch.Tensor], x: torch.T
     return out + canon["experts.b_down"] if experts.bias else out
 
 
+def _post_expert_norm(spec: MoESpec, canon: dict[str, torch.Tensor], per_expert: torch.Tensor) -> torch.Tensor:
+    """A latent MoE's per-expert RMSNorm of ``per_expert [N, E, L]`` before the weights (Muse Spark's
+    ``post_expert_norm``, ``spec.LatentSpec``), in float32 as transformers' norms compute; as is otherwise.
+
+    NOTE: the block's own pre/post projections stay in place (only the experts call is patched), but this
+    norm sits inside the experts module, so the dense forward must apply it."""
+    latent = spec.latent
+    if latent is None:
+        return per_expert
+    scale = (latent.scale_offset + canon["latent.post_norm.weight"]).float()
+    y = per_expert.float() * scale if latent.post_norm == "scale_before" else per_expert.float()
+    y = y * torch.rsqrt(y.square().mean(dim=-1, keepdim=True) + latent.post_norm_eps)
+    y = y * scale if latent.post_norm == "scale_after" else y
+    return y.to(per_expert.dtype)
+
+
 def _patch_fused(block: nn.Module, entry: ArchEntry) -> None:
     experts_module = block.get_submodule(entry.experts_path)
     prefix = entry.experts_path + "."
@@ -103,7 +119,7 @@ def _patch_fused(block: nn.Module, entry: ArchEntry) -> None:
             )
         # NOTE: some experts calls pass [B, S, H] (DBRX), most [N, H]; the routing is per token either way.
         flat = hidden.reshape(-1, hidden.shape[-1])
-        per_expert = _all_experts(entry.spec.experts, canon, flat)
+        per_expert = _post_expert_norm(entry.spec, canon, _all_experts(entry.spec.experts, canon, flat))
         dense = _dense_weights(
             top_k_index.reshape(flat.shape[0], -1), top_k_weights.reshape(flat.shape[0], -1), entry.spec.num_experts
         )

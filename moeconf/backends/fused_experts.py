@@ -26,6 +26,8 @@ STANDARD_LAYOUT = (
 def standard_layout_reason(entry: ArchEntry) -> str | None:
     """None when ``entry``'s experts use the standard fused SwiGLU layout, else why not."""
     experts, spec = entry.spec.experts, entry.spec
+    if not entry.experts_path:
+        return "no experts module to patch: the block applies its expert weights itself (JetMoE: on expert-sorted rows)"
     prefixed = tuple(
         Binding(b.path.replace(entry.experts_path + ".", "experts.", 1), b.canonical, b.layout)
         for b in entry.params

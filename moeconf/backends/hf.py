@@ -90,8 +90,8 @@ class HFBlockBackend:
         entry = request.entry
         block = self.prepare(request)
         hidden = request.hidden.to(device=request.device, dtype=request.dtype).requires_grad_(True)
-        with recording(entry, block) as rec:
-            out = _first(block(hidden)).reshape(hidden.shape)
+        with recording(entry, block, request.token_types) as rec:
+            out = _first(block(hidden, **token_type_kwargs(entry, request))).reshape(hidden.shape)
         aux, z = self.losses(entry, rec, request.attention_mask)
         # Before the output's backward: the losses' gradients are taken on their own graph.
         loss_grads = loss_gradients(entry, block, hidden, {"aux_loss": aux, "z_loss": z})
@@ -109,6 +109,13 @@ class HFBlockBackend:
         """``(aux_loss, z_loss)`` with their graphs, as the model computes them from what its
         recorder collected (a framework that computes its losses its own way overrides this)."""
         return framework_losses(entry, recorded_router_logits(entry, rec), attention_mask)
+
+
+def token_type_kwargs(entry: ArchEntry, request: RunRequest) -> dict[str, torch.Tensor]:
+    """The forward keyword carrying the request's token-type ids, for a block with token sets."""
+    if entry.token_types_kwarg is None or request.token_types is None:
+        return {}
+    return {entry.token_types_kwarg: request.token_types.to(request.device)}
 
 
 def recorded_router_logits(entry: ArchEntry, rec: Recording) -> list[torch.Tensor]:

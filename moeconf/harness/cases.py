@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from moeconf.params import Params, param_shapes, round_through
+from moeconf.params import Params, param_shapes, round_through, token_set_params, token_set_spec, unqualified
 from moeconf.reference import aux_selection_margin, route
 from moeconf.reference.moe import activation
 from moeconf.spec import ExpertSpec, MoESpec
@@ -64,12 +64,15 @@ class Inputs:
         hidden: ``[B, S, H]`` block input.
         attention_mask: ``[B, S]`` int64, zeros mark padding (only when ``B > 1``).
         grad_output: ``[B, S, H]`` cotangent for the backward pass.
+        token_types: ``[B, S]`` int64 token-type ids choosing each token's expert set; only for a
+            spec with ``token_sets`` (None otherwise).
     """
 
     params: Params
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     grad_output: torch.Tensor
+    token_types: torch.Tensor | None = None
 
 
 def draw_params(spec: MoESpec, seed: int) -> Params:
@@ -85,9 +88,10 @@ def draw_params(spec: MoESpec, seed: int) -> Params:
         if name.endswith("norm.weight"):
             params[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
             continue
-        if name == "router.weight":
+        base = unqualified(name)  # a token set's router/experts draw like set 0's
+        if base == "router.weight":
             scale = 2.0 / math.sqrt(fan_in)
-        elif name == "router.selection_bias":
+        elif base == "router.selection_bias":
             # Large enough to change some choices on the scale of what it is added to.
             scale = 0.5 if spec.router.select_on == "logits" else 0.05 if spec.router.scoring == "softmax" else 0.1
         elif name.split(".")[-1].startswith("b"):
@@ -187,26 +191,66 @@ def select_tokens(
     return candidates[chosen]
 
 
+def _pad_width(case: Case) -> int:
+    """Left-padded positions of the first row (0: no padding)."""
+    return case.seq // 2 if case.batch > 1 and case.seq > 2 else 0
+
+
+def case_token_types(spec: MoESpec, case: Case) -> torch.Tensor | None:
+    """``[B, S]`` token-type ids for a spec with token sets (None otherwise): every type id in turn,
+    ``(b + s + 1) mod T``, so that every case of two or more tokens mixes the sets token by token and
+    the single token is type 1 (its set 0 runs on no token at all). The padded run of the first row
+    takes the type of its first position, as the pad tokens share its embedding."""
+    if spec.token_sets is None:
+        return None
+    count = len(spec.token_sets.set_of_type)
+    b, s = torch.meshgrid(torch.arange(case.batch), torch.arange(case.seq), indexing="ij")
+    types = (b + s + 1) % count
+    types[0, : _pad_width(case)] = types[0, 0]
+    return types.to(torch.int64)
+
+
+def _select_typed(
+    spec: MoESpec,
+    params: Params,
+    candidates: torch.Tensor,
+    types: torch.Tensor,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    what: str,
+) -> torch.Tensor:
+    """``[N, H]`` tokens for the positions whose type ids are ``types [N]`` (a spec with token sets):
+    each set's positions get tokens that set's router routes with a margin (``select_tokens``), drawn
+    from disjoint parts of the pool."""
+    assert spec.token_sets is not None
+    sets = torch.tensor(spec.token_sets.set_of_type)[types]
+    tokens = candidates.new_zeros(len(types), candidates.shape[1])
+    pools = candidates.chunk(spec.token_sets.num_sets)
+    for s in range(spec.token_sets.num_sets):
+        rows = (sets == s).nonzero().flatten()
+        if rows.numel():
+            sub = token_set_spec(spec, s)
+            tokens[rows] = select_tokens(sub, token_set_params(params, s), pools[s], rows.numel(), keep, f"{what}, set {s}")
+    return tokens
+
+
 def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: int = 4096) -> Inputs:
     """Draw the case's inputs for ``spec`` in ``dtype``; deterministic in ``seed``."""
     params = round_through(draw_params(spec, seed), dtype)
     gen = torch.Generator().manual_seed(seed * CASE_SEED_STRIDE + sum(map(ord, case.name)))
     candidates = token_pool(spec.hidden, pool, dtype, gen)
-    tokens = select_tokens(
-        spec,
-        params,
-        candidates,
-        case.tokens,
-        lambda index: _satisfies(case.constraint, index, spec.num_experts),
-        f"case {case.name}",
-    )
+    token_types = case_token_types(spec, case)
+    keep = lambda index: _satisfies(case.constraint, index, spec.num_experts)  # noqa: E731
+    if token_types is None:
+        tokens = select_tokens(spec, params, candidates, case.tokens, keep, f"case {case.name}")
+    else:
+        tokens = _select_typed(spec, params, candidates, token_types.reshape(-1), keep, f"case {case.name}")
     hidden = tokens.reshape(case.batch, case.seq, spec.hidden)
     mask = torch.ones(case.batch, case.seq, dtype=torch.int64)
-    if case.batch > 1 and case.seq > 2:
+    pad = _pad_width(case)
+    if pad:
         # Left padding on the first row. Padding positions share one embedding, as pad tokens do, so
         # they all route alike and skew the statistics of any aux loss that forgets the mask.
-        pad = case.seq // 2
         mask[0, :pad] = 0
         hidden[0, :pad] = hidden[0, 0]
     grad_output = torch.randn(hidden.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
-    return Inputs(params=params, hidden=hidden, attention_mask=mask, grad_output=grad_output)
+    return Inputs(params=params, hidden=hidden, attention_mask=mask, grad_output=grad_output, token_types=token_types)

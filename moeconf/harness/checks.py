@@ -317,13 +317,15 @@ def _unrouted_experts(c: CheckInput) -> list[int]:
 
 
 def check_grad_experts(c: CheckInput) -> Outcome:
-    """Every expert's weight (and bias) grads; an expert that received no token must get exact zeros.
+    """Every expert's weight (and bias) grads, the block's output bias (JetMoE, one ``[H]`` vector
+    after the expert sum) and a latent MoE's projections and norms around the experts (``latent.*``,
+    Muse Spark); an expert that received no token must get exact zeros.
 
     NOTE: exact, not approximate: uninitialised output rows of an empty group (transformers PR
     #48205) or a None grad (the ZeRO-2/FSDP hang, DeepSpeed #5066) are the bugs this catches.
     """
     names = [n for n in c.reference_grads if n.startswith("experts.")]
-    outcome = _grad_check(c, names)
+    outcome = _grad_check(c, names + [n for n in c.reference_grads if n.startswith(("output.", "latent."))])
     problems = [
         f"grad {m} is None, expected exact zeros" for m in c.observation.missing_grads if m.startswith("experts.")
     ]

@@ -40,6 +40,7 @@ from moeconf.harness.validate import MalformedObservation, describe, validate_ob
 from moeconf.harness.watchdog import CallTimeout, call_with_deadline
 from moeconf.reference import reference_forward, reference_gradients, reference_loss_gradients
 from moeconf.registry import ArchEntry, get_entry
+from moeconf.registry.versions import absent_reason
 
 DEFAULT_TIMEOUT_S = 300.0
 """Per-case deadline of a backend call (``--timeout``): generous for a tiny block on a loaded 2-core
@@ -304,6 +305,7 @@ def _private(request: RunRequest) -> RunRequest:
         hidden=request.hidden.clone(),
         attention_mask=request.attention_mask.clone(),
         grad_output=request.grad_output.clone(),
+        token_types=None if request.token_types is None else request.token_types.clone(),
     )
 
 
@@ -418,6 +420,12 @@ def _support(
     NOTE: ``supports()`` is the backend's code too: it runs under the same deadline as ``run()``,
     and whatever it raises or returns outside its contract is an ``error``, not a crash of the run.
     """
+    absent = absent_reason(entry.model_type)
+    if absent is not None:  # no backend can build a block the installed transformers does not have
+        return "skip", absent
+    whole = entry.expectation("", name, dtype, sel.device)  # check "" matches only a check-wide declaration
+    if whole is not None and whole.status == "skip" and whole.check is None:
+        return "skip", f"declared skip: {whole.reason}"  # nothing to run: the block cannot be built
     try:
         dtypes = backend.dtypes
     except Exception as exc:  # noqa: BLE001 - a property of the backend's own that raised
@@ -456,11 +464,19 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
                     sel, entry, name, dtype, case, checks, lambda _c, e=exc: Outcome(False, message=f"inputs: {e}")
                 )
             continue
-        reference = reference_forward(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask)
-        ref_grads = reference_gradients(entry.spec, inputs.params, inputs.hidden, inputs.grad_output)
-        loss_grads = reference_loss_gradients(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask)
+        types = inputs.token_types
+        reference = reference_forward(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask, types)
+        ref_grads = reference_gradients(entry.spec, inputs.params, inputs.hidden, inputs.grad_output, types)
+        loss_grads = reference_loss_gradients(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask, types)
         request = RunRequest(
-            entry, inputs.params, inputs.hidden, inputs.attention_mask, inputs.grad_output, torch_dtype, sel.device
+            entry,
+            inputs.params,
+            inputs.hidden,
+            inputs.attention_mask,
+            inputs.grad_output,
+            torch_dtype,
+            sel.device,
+            token_types=types,
         )
         prepared.append((case, request))
         references[case.name] = (reference, ref_grads, loss_grads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from torch import nn
 from moeconf.params import NOT_TRAINED, Params, param_shapes
 from moeconf.registry.entry import ArchEntry
 from moeconf.registry.layouts import LAYOUTS, split_to_canonical
+from moeconf.spec import MoESpec
 
 
 class EntryError(ValueError):
@@ -61,7 +63,11 @@ def build_block(entry: ArchEntry, experts_implementation: str | None = None) -> 
         # NOTE: the experts decorator looks this up at every call, so it also switches a live block.
         config._experts_implementation = experts_implementation
     cls = block_class(entry)
-    return cls(config, layer_idx=0) if entry.block_init == "config_and_layer_idx" else cls(config)
+    if entry.block_init == "config_and_layer_idx":
+        return cls(config, layer_idx=0)
+    if isinstance(entry.block_init, tuple):  # e.g. NllbMoeSparseMLP(config, ffn_dim=config.encoder_ffn_dim)
+        return cls(config, **{keyword: getattr(config, attr) for keyword, attr in entry.block_init})
+    return cls(config)
 
 
 def build_model_block(
@@ -240,26 +246,40 @@ class Recording:
             tensor per router call it matched. None where the architecture has no aux/z loss or
             the installed transformers has no recorder to reuse (4.x): the router's own output
             stands in.
+        sets: for a block with token sets (``entry.token_set_modules``), what each set's router and
+            experts saw (each a ``Recording`` of its own hooks); empty otherwise.
+        token_sets: ``[N]`` the token set of each token, for reassembling ``sets`` in token order.
     """
 
     router_output: Any = None
     experts_args: tuple[Any, ...] = ()
     experts_kwargs: dict[str, Any] = field(default_factory=dict)
     recorded_logits: list[torch.Tensor] | None = None
+    sets: list[Recording] = field(default_factory=list)
+    token_sets: torch.Tensor | None = None
 
     def router_logits(self, entry: ArchEntry) -> torch.Tensor | None:
         """The router logits as the model records them (the single recorded tensor); None if
         nothing, or more than one tensor, was recorded (``recorded_count`` says which)."""
         if self.recorded_logits is not None:
-            return self.recorded_logits[0] if len(self.recorded_logits) == 1 else None
-        return self.hooked_router_logits(entry)
+            logits = self.recorded_logits[0] if len(self.recorded_logits) == 1 else None
+        else:
+            logits = self.hooked_router_logits(entry)
+        # NOTE: a router run on [B, S, H] (Switch) records [B, S, E]; the observation is per token row.
+        return None if logits is None else logits.reshape(-1, logits.shape[-1])
 
     def hooked_router_logits(self, entry: ArchEntry) -> torch.Tensor | None:
         """The logits in the router submodule's output (where the registry says they sit)."""
+        if self.sets:
+            return self._by_set([(rec.hooked_router_logits(entry),) for rec in self.sets])[0]
         out = self.router_output
         if out is None or entry.routing_from == "router_index_weights":
             return None
-        return out if entry.router_logits_index is None else out[entry.router_logits_index]
+        # NOTE: a router that returns the bare logits tensor (DeepSeek-V3 family up to transformers 5.6)
+        # has no tuple to index: indexing it would read a row, not the logits.
+        if entry.router_logits_index is None or isinstance(out, torch.Tensor):
+            return out
+        return out[entry.router_logits_index]
 
     @property
     def recorded_count(self) -> int | None:
@@ -268,10 +288,17 @@ class Recording:
 
     def routing(self, entry: ArchEntry) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(topk_index [N, k], topk_weights [N, k])`` as the block used them."""
+        if self.sets:
+            index, weights = self._by_set([rec.routing(entry) for rec in self.sets])
+            return index, weights
         if entry.routing_from == "none":
             return None, None
         if entry.routing_from == "router_index_weights":
             return (None, None) if self.router_output is None else (self.router_output[0], self.router_output[1])
+        if entry.routing_from == "router_grouped":
+            return (None, None) if self.router_output is None else ungroup_routing(self.router_output, entry.spec.top_k)
+        if entry.routing_from == "router_dispatch":
+            return (None, None) if self.router_output is None else dispatch_routing(self.router_output, entry.spec)
         if entry.routing_from == "router_dense_scores":
             if self.router_output is None:
                 return None, None
@@ -282,6 +309,71 @@ class Recording:
         if len(args) < 3:
             return None, None
         return args[1], args[2]
+
+
+    def _by_set(self, parts: Sequence[Sequence[torch.Tensor | None]]) -> list[torch.Tensor | None]:
+        """Per-set tensors (``parts[s]``, rows = set ``s``'s tokens in token order, as the block
+        gathers them) put back at their tokens' rows ``[N, ..]``; None where a set with tokens
+        showed nothing, or another number of rows than it has tokens."""
+        if self.token_sets is None:  # no type ids: the block ran set 0 on every token
+            return list(parts[0])
+        out: list[torch.Tensor | None] = []
+        for j in range(len(parts[0])):
+            whole: torch.Tensor | None = None
+            for s, part in enumerate(parts):
+                rows = (self.token_sets == s).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                value = part[j]
+                if value is None or value.reshape(-1, *value.shape[-1:]).shape[0] != rows.numel():
+                    return [None] * len(parts[0])
+                value = value.reshape(rows.numel(), -1)
+                if whole is None:
+                    whole = value.new_zeros(self.token_sets.numel(), value.shape[-1])
+                # NOTE: out of place, so routing weights keep the graph of every set's router.
+                whole = whole.index_put((rows.to(value.device),), value)
+            out.append(whole)
+        return out
+
+
+def ungroup_routing(router_output: Sequence[Any], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [N, k], weights [N, k])`` from a router that returns its routing grouped by expert.
+
+    JetMoE's ``JetMoeTopKGating`` returns ``(order [N·k], token [N·k], gates [N·k], counts, logits)``:
+    permuted row ``r`` is flat slot ``order[r]`` (= token·k + slot) with gate ``gates[r]``, and the rows
+    are grouped by ascending expert, ``counts[e]`` (a list of E ints) rows each. Scattering every row
+    back to its slot recovers the top-k the block routed with (weights keep their graph).
+    """
+    order, _, gates, counts = router_output[:4]
+    counts = torch.as_tensor(counts, device=order.device)
+    expert = torch.repeat_interleave(torch.arange(counts.numel(), device=order.device), counts)
+    index = torch.empty_like(order).scatter(0, order, expert).view(-1, top_k)
+    weights = torch.empty_like(gates).scatter(0, order, gates).view(-1, top_k)
+    return index, weights
+
+
+def dispatch_routing(router_output: Sequence[Any], spec: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [N, k], weights [N, k])`` from a capacity router's ``(dispatch, weights, logits)`` output.
+
+    ``dispatch [.., E]`` is nonzero where a (token, expert) pair is dispatched after the capacity drops;
+    ``weights`` is per slot ``[.., k]`` (Switch: the top-1 probability, dropped tokens included) or dense
+    ``[.., E]`` (NLLB: the combine weights, nonzero exactly on the kept pairs). A dropped slot appears in
+    neither, so it is filled with the router's own next choice by its ``logits [.., E]``: the index is
+    the kept experts first, then the best of the rest. A kept expert is thus reported as kept (a wrong
+    one shows), and only the experts of dropped slots come from the logits. Weights are gathered from a
+    dense ``weights`` (0 on a dropped slot).
+    """
+    dispatch, weights, logits = router_output[:3]
+    width, k = spec.num_experts, spec.top_k
+    dense = weights.shape[-1] == width and k != width  # [.., E] combine weights, not [.., k] per slot
+    kept = dispatch.reshape(-1, width) != 0
+    if dense:
+        kept = kept | (weights.reshape(-1, width) != 0)
+    priority = logits.detach().reshape(-1, width).float().masked_fill(kept, float("inf"))
+    index = priority.topk(k, dim=-1).indices
+    if dense:
+        return index, weights.reshape(-1, width).gather(1, index)
+    return index, weights.reshape(-1, k)
 
 
 def _output_capturing() -> Any:
@@ -336,7 +428,7 @@ def _find_recorders(entry: ArchEntry, capturing: Any) -> tuple[tuple[Any, ...], 
         module = model.get_submodule(".".join(parts[:depth]))
         if isinstance(module, PreTrainedModel):
             owner, owner_depth = module, depth
-    specs = capturing._CAN_RECORD_REGISTRY.get(owner).get("router_logits")
+    specs = _can_record_outputs(capturing, owner).get("router_logits")
     if specs is None:
         specs = getattr(type(owner), "_can_record_outputs", None) or {}
         specs = specs.get("router_logits") if isinstance(specs, dict) else None
@@ -352,6 +444,18 @@ def _find_recorders(entry: ArchEntry, capturing: Any) -> tuple[tuple[Any, ...], 
             )
         normalised.append(spec)
     return tuple(normalised), "." + ".".join(parts[owner_depth:])
+
+
+def _can_record_outputs(capturing: Any, owner: nn.Module) -> dict[str, Any]:
+    """The ``_can_record_outputs`` transformers registered for ``owner``'s class, ``{}`` if none.
+
+    NOTE: transformers < 5.23 keeps a plain dict keyed by ``str(cls)`` (5.6.2 modeling_utils.py:1324,
+    ``_CAN_RECORD_REGISTRY[str(self.__class__)] = ...``); 5.23.0 wraps it in ``_CanRecordRegistry``,
+    whose ``get`` takes the model itself. Both are read here rather than pinning one.
+    """
+    registry = capturing._CAN_RECORD_REGISTRY
+    flags = registry.get(str(type(owner))) if type(registry) is dict else registry.get(owner)
+    return flags or {}
 
 
 def _install_model_recorder(entry: ArchEntry, block: nn.Module) -> bool:
@@ -376,11 +480,8 @@ def _install_model_recorder(entry: ArchEntry, block: nn.Module) -> bool:
     return True
 
 
-@contextmanager
-def recording(entry: ArchEntry, block: nn.Module) -> Iterator[Recording]:
-    """Hooks on the router (its output) and the experts (their call arguments), removed on exit;
-    and the model's own ``router_logits`` recorder, collecting while the context is open."""
-    rec = Recording()
+def _hook_set(entry: ArchEntry, block: nn.Module, rec: Recording, token_set: int) -> list[Any]:
+    """Hooks recording token set ``token_set``'s router output and experts call into ``rec``."""
 
     def on_router(_module: nn.Module, _args: Any, output: Any) -> None:
         rec.router_output = output
@@ -388,9 +489,37 @@ def recording(entry: ArchEntry, block: nn.Module) -> Iterator[Recording]:
     def on_experts(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         rec.experts_args, rec.experts_kwargs = args, kwargs
 
-    handles = [block.get_submodule(entry.router_path).register_forward_hook(on_router)]
+    router = block.get_submodule(entry.set_path(entry.router_path, token_set))
+    handles = [router.register_forward_hook(on_router)]
     if entry.routing_from == "experts_call":
-        handles.append(block.get_submodule(entry.experts_path).register_forward_pre_hook(on_experts, with_kwargs=True))
+        experts = block.get_submodule(entry.set_path(entry.experts_path, token_set))
+        handles.append(experts.register_forward_pre_hook(on_experts, with_kwargs=True))
+    return handles
+
+
+def token_sets_of_types(entry: ArchEntry, token_types: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``[N]`` token set of each token (``spec.token_sets.set_of_type``); all set 0 without type ids,
+    as a block given none runs its set 0 on every token."""
+    sets = entry.spec.token_sets
+    if sets is None or token_types is None:
+        return torch.zeros(n, dtype=torch.long)
+    return torch.tensor(sets.set_of_type, dtype=torch.long)[token_types.reshape(-1).long().cpu()]
+
+
+@contextmanager
+def recording(entry: ArchEntry, block: nn.Module, token_types: torch.Tensor | None = None) -> Iterator[Recording]:
+    """Hooks on the router (its output) and the experts (their call arguments), removed on exit;
+    and the model's own ``router_logits`` recorder, collecting while the context is open. A block
+    with token sets gets the hooks on every set's router and experts, and ``token_types [B, S]``
+    places each set's rows."""
+    rec = Recording()
+    if entry.token_set_modules:
+        rec.sets = [Recording() for _ in entry.token_set_modules]
+        handles = [h for s, sub in enumerate(rec.sets) for h in _hook_set(entry, block, sub, s)]
+        if token_types is not None:
+            rec.token_sets = token_sets_of_types(entry, token_types, token_types.numel())
+    else:
+        handles = _hook_set(entry, block, rec, 0)
     capturing = _output_capturing() if _install_model_recorder(entry, block) else None
     token = None
     if capturing is not None:
@@ -428,11 +557,25 @@ def framework_losses(
         return None, None
     aux = z = None
     if spec.losses.aux == "switch":
-        mask = attention_mask.to(recorded[0].device)
-        aux = framework_loss_fn(entry, "load_balancing_loss_func")(tuple(recorded), spec.num_experts, spec.top_k, mask)
+        aux_fn = framework_loss_fn(entry, "load_balancing_loss_func")
+        if "router_probs" in inspect.signature(aux_fn).parameters:
+            aux = _switch_aux_loss(aux_fn, recorded)
+        else:
+            mask = attention_mask.to(recorded[0].device)
+            aux = aux_fn(tuple(recorded), spec.num_experts, spec.top_k, mask)
     if spec.losses.z_loss:
         z = framework_loss_fn(entry, "router_z_loss_func")(torch.cat(tuple(recorded)))
     return aux, z
+
+
+def _switch_aux_loss(aux_fn: Callable[..., torch.Tensor], recorded: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Switch's ``load_balancing_loss_func(router_probs [B, S, E], expert_indices [B, S])``, fed as
+    ``SwitchTransformersForConditionalGeneration.forward`` feeds it: the recorded ``[B, S, E]`` logits
+    concatenated along the sequence, softmaxed, and their argmax as the indices
+    (models/switch_transformers/modeling_switch_transformers.py:1047-1050, ``_unpack_router_logits`` at
+    :1093-1097). No attention mask: that function takes none."""
+    logits = torch.cat(tuple(recorded), dim=1)
+    return aux_fn(torch.softmax(logits, dim=-1), logits.argmax(dim=-1))
 
 
 def loss_gradients(

@@ -17,8 +17,13 @@ def _row_weights(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> t
     return attention_mask.reshape(-1).to(logits.dtype)
 
 
-def load_balancing_loss(logits: torch.Tensor, top_k: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    logits: torch.Tensor, top_k: int, attention_mask: torch.Tensor | None = None, group_size: int | None = None
+) -> torch.Tensor:
     """Switch/GShard load-balancing loss ``E · Σ_e f_e · P_e`` over non-padded tokens.
+
+    ``group_size``: when given, the loss is taken over each group of that many consecutive rows (one
+    sequence) and averaged over the groups that hold a non-padded row (Switch's per-sequence form).
 
     ``f_e`` = fraction of (token, slot) assignments to expert ``e`` when choosing the top-k of
     ``softmax(logits)`` (so Σ f = k and perfectly uniform routing gives ``k``); ``P_e`` = mean router
@@ -27,6 +32,8 @@ def load_balancing_loss(logits: torch.Tensor, top_k: int, attention_mask: torch.
     routers: transformers' ``load_balancing_loss_func`` softmaxes whatever the router records, and that
     is the loss the models train with (docs/router-families.md, 'Load-balancing (aux) loss').
     """
+    if group_size is not None:
+        return _mean_over_groups(logits, top_k, attention_mask, group_size)
     n, e = logits.shape
     rows = _row_weights(logits, attention_mask)
     probs = torch.softmax(logits, dim=-1)
@@ -35,6 +42,20 @@ def load_balancing_loss(logits: torch.Tensor, top_k: int, attention_mask: torch.
     fraction_routed = (chosen * rows[:, None]).sum(dim=0) / total
     mean_prob = (probs * rows[:, None]).sum(dim=0) / total
     return e * (fraction_routed * mean_prob).sum()
+
+
+def _mean_over_groups(
+    logits: torch.Tensor, top_k: int, attention_mask: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """The batch loss of each group of ``group_size`` rows ``[G·group_size, E]``, averaged over the
+    groups with at least one non-padded row."""
+    rows = _row_weights(logits, attention_mask)
+    losses = [
+        load_balancing_loss(logits[start : start + group_size], top_k, rows[start : start + group_size])
+        for start in range(0, logits.shape[0], group_size)
+        if rows[start : start + group_size].sum() > 0
+    ]
+    return torch.stack(losses).mean()
 
 
 def aux_selection_margin(logits: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeconf.params import Params
+from moeconf.params import Params, token_set_params, token_set_spec
 from moeconf.spec import Capacity, GroupLimit, MoESpec, RouterSpec
 
 
@@ -24,9 +24,13 @@ class Routing:
         index: ``[N, k]`` selected experts, ascending per token (sets, not order, are the contract).
         weights: ``[N, k]`` routing weights aligned with ``index``; differentiable.
         margin: ``[N]`` gap between the last selected and the first rejected candidate, relative to
-            the token's score spread. Cases keep tokens with a comfortable margin so that rounding
-            never decides a selection.
+            the token's score spread (SparseMixer: or, if smaller, the distance of a mask decision
+            from its threshold). Cases keep tokens with a comfortable margin so that rounding never
+            decides a selection.
         kept: ``[N, k]`` bool; False where capacity dropped the slot (all True without capacity).
+        shared_weights: ``[N, n]`` weights of the ``n`` shared-expert router slots
+            (``RouterSpec.shared_slots``, Inkling), renormalised and scaled with ``weights``; None without.
+            ``logits`` then holds the ``E + Z`` selectable classes only, as the model records them.
     """
 
     logits: torch.Tensor
@@ -34,10 +38,11 @@ class Routing:
     weights: torch.Tensor
     margin: torch.Tensor
     kept: torch.Tensor
+    shared_weights: torch.Tensor | None = None
 
 
 def router_logits(spec: MoESpec, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """``[N, H] → [N, E + Z]``: ``x Wᵀ (+ b)``, scaled by ``logit_multiplier`` and soft-capped."""
+    """``[N, H] → [N, E + Z + n]`` (``n`` shared slots): ``x Wᵀ (+ b)``, scaled by ``logit_multiplier`` and soft-capped."""
     router = spec.router
     logits = F.linear(x, params["router.weight"], params.get("router.bias") if router.logit_bias else None)
     logits = logits * router.logit_multiplier
@@ -78,24 +83,70 @@ def _group_mask(choice: torch.Tensor, group: GroupLimit) -> tuple[torch.Tensor, 
     return mask.repeat_interleave(e // group.n_group, dim=1), gap
 
 
-def _apply_capacity(index: torch.Tensor, capacity: Capacity, tokens_per_sequence: int) -> torch.Tensor:
-    """``kept [N, k]``: per sequence, in token-then-slot order, each expert keeps ``capacity`` slots."""
-    n, k = index.shape
-    kept = torch.ones_like(index, dtype=torch.bool)
-    for start in range(0, n, tokens_per_sequence):
+def _apply_capacity(ranked: torch.Tensor, capacity: Capacity, group_size: int) -> torch.Tensor:
+    """``kept [N, k]`` for the picks ``ranked [N, k]`` (best first): within each group of ``group_size``
+    consecutive tokens, each expert keeps its first ``capacity`` assignments in the ``capacity.order``
+    priority (token by token, or all first picks before any second pick)."""
+    n, k = ranked.shape
+    kept = torch.ones_like(ranked, dtype=torch.bool)
+    for start in range(0, n, group_size):
+        tokens = range(start, min(start + group_size, n))
+        if capacity.order == "token":
+            slots = [(t, s) for t in tokens for s in range(k)]
+        else:
+            slots = [(t, s) for s in range(k) for t in tokens]
         used: dict[int, int] = {}
-        for t in range(start, min(start + tokens_per_sequence, n)):
-            for s in range(k):
-                e = int(index[t, s])
-                used[e] = used.get(e, 0) + 1
-                kept[t, s] = used[e] <= capacity.capacity
+        for t, s in slots:
+            e = int(ranked[t, s])
+            used[e] = used.get(e, 0) + 1
+            kept[t, s] = used[e] <= capacity.capacity
     return kept
+
+
+def _renorm_kept(weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``[N, k]`` weights divided by their sum over the kept slots; dropped slots weigh 0.
+
+    NOTE: clamped rather than masked with ``where``: a token with every slot dropped then gets 0 / tiny = 0
+    with a zero gradient (as fairseq's ``clamp(min=eps)``), never 0 / 0 in the backward.
+    """
+    weights = weights * kept
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def sparsemixer_weights(logits: torch.Tensor, ranked: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseMixer weights (PhiMoE, eval mode) of the picks ``ranked [N, k]`` (best first) → ``[N, k]``,
+    and the ``[N]`` smallest distance of a mask decision from its threshold.
+
+    Pick ``j`` with logit ``m_j`` gets ``softmax(ℓ')[pick j]``: ``ℓ'`` is ℓ with the earlier picks at −inf
+    and every logit with ``r_i = (m_j − ℓ_i) / max(|ℓ_i|, m_j) > 2ε`` at −inf (a relative distance from
+    the pick). The mask is a selection (no gradient); the weights are differentiable in the kept logits.
+    The distance ``|r_i − 2ε|`` over the candidates still in play keeps rounding from flipping a mask.
+    """
+    threshold = 2 * eps
+    remaining, detached = logits, logits.detach()
+    weights, margin = [], torch.full_like(detached[:, 0], float("inf"))
+    in_play = torch.ones_like(detached, dtype=torch.bool)
+    for j in range(ranked.shape[1]):
+        pick = ranked[:, j : j + 1]
+        top = detached.gather(1, pick)
+        relative = (top - detached) / detached.abs().clamp(min=top)
+        kept = remaining.masked_fill(relative > threshold, float("-inf"))
+        weights.append(torch.softmax(kept, dim=-1).gather(1, pick))
+        # NOTE: the pick itself sits at r = 0 and is never masked; only the others' mask can flip.
+        others = in_play.scatter(1, pick, False)
+        distance = (relative - threshold).abs().masked_fill(~others, float("inf"))
+        margin = torch.minimum(margin, distance.min(dim=-1).values)
+        in_play = others
+        remaining = remaining.masked_fill(~in_play, float("-inf"))
+    return torch.cat(weights, dim=-1), margin
 
 
 def route(spec: MoESpec, params: Params, x: torch.Tensor, tokens_per_sequence: int | None = None) -> Routing:
     """Route ``x [N, H]``: the reference for ``routing`` and ``routing_weights``."""
     router, k = spec.router, spec.top_k
     logits = router_logits(spec, params, x)
+    # Shared-expert slots (Inkling): the last rows are scored, never selected; the candidates come first.
+    logits, shared_logits = logits.split([spec.router_width, router.shared_slots], dim=-1)
     scores = _scores(router, logits)
 
     # Selection: what top-k ranks, plus a bias that steers the choice but never enters the weights.
@@ -109,27 +160,90 @@ def route(spec: MoESpec, params: Params, x: torch.Tensor, tokens_per_sequence: i
         in_group, group_gap = _group_mask(choice, router.group_limit)
         fill = float("-inf") if router.group_limit.fill == "-inf" else 0.0
         choice = choice.masked_fill(~in_group, fill)
-    index, gap = _topk_with_margin(choice, k)
-    index, _ = torch.sort(index, dim=-1)
+    ranked, gap = _topk_with_margin(choice, k)
+    index, order = torch.sort(ranked, dim=-1)
 
-    # Weights: gathered (unbiased) scores, or a softmax / sigmoid over the k selected logits.
-    if router.weight_from == "scores":
+    # Weights: gathered (unbiased) scores, a softmax / sigmoid over the k selected logits, or SparseMixer's
+    # masked softmax per pick (computed in rank order, then aligned with the sorted index).
+    mask_gap = torch.full_like(spread, float("inf"))
+    if router.weight_from == "sparsemixer":
+        ranked_weights, mask_gap = sparsemixer_weights(logits, ranked, router.sparsemixer_eps)
+        weights = ranked_weights.gather(1, order)
+    elif router.weight_from == "scores":
         weights = scores.gather(1, index)
     elif router.weight_from == "softmax_of_selected_logits":
         weights = torch.softmax(logits.gather(1, index), dim=-1)
     else:
         weights = torch.sigmoid(logits.gather(1, index))
+    if router.shared_slots:
+        # The shared slots' scores join the k picked ones: one renormalisation and scaling for all k + n.
+        weights = torch.cat([weights, _scores(router, shared_logits)], dim=-1)
 
     if router.renorm == "always":
         total = weights.sum(dim=-1, keepdim=True)
         weights = weights / (total.clamp_min(router.renorm_eps) if router.renorm_clamp else total + router.renorm_eps)
     elif router.renorm == "pnorm":
         weights = weights / torch.linalg.vector_norm(weights, ord=router.renorm_p, dim=-1, keepdim=True)
+
+    # Capacity: drops decided in rank order (the priority may depend on it), then aligned with ``index``.
+    kept = torch.ones_like(index, dtype=torch.bool)
+    capacity = router.capacity
+    if capacity is not None:
+        group = tokens_per_sequence if capacity.group == "sequence" and tokens_per_sequence else x.shape[0]
+        kept = _apply_capacity(ranked, capacity, group).gather(1, order)
+        if capacity.renorm_kept:
+            weights = _renorm_kept(weights, kept)
     if router.scaling_site == "weights":
         weights = weights * router.routed_scaling
+    if router.learned_scale:
+        weights = weights * params["router.scale"]
+    weights, shared_weights = weights.split([k, router.shared_slots], dim=-1)
+    # NOTE: the mask distance is already relative (to the logits' magnitude), like gap / spread.
+    margin = torch.minimum(torch.minimum(gap / spread, group_gap / spread), mask_gap)
+    return Routing(
+        logits=logits,
+        index=index,
+        weights=weights,
+        margin=margin,
+        kept=kept,
+        shared_weights=shared_weights if router.shared_slots else None,
+    )
 
-    kept = torch.ones_like(index, dtype=torch.bool)
-    if router.capacity is not None:
-        kept = _apply_capacity(index, router.capacity, tokens_per_sequence or x.shape[0])
-    margin = torch.minimum(gap / spread, group_gap / spread)
+
+def token_sets_of(spec: MoESpec, token_types: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``[N]`` token set of each token: ``set_of_type`` of its type id; all set 0 without type ids."""
+    if spec.token_sets is None or token_types is None:
+        return torch.zeros(n, dtype=torch.long)
+    lookup = torch.tensor(spec.token_sets.set_of_type, dtype=torch.long)
+    return lookup[token_types.reshape(-1).long().cpu()]
+
+
+def route_tokens(
+    spec: MoESpec,
+    params: Params,
+    x: torch.Tensor,
+    token_types: torch.Tensor | None = None,
+    tokens_per_sequence: int | None = None,
+) -> Routing:
+    """Route ``x [N, H]`` whose token ``n`` has type id ``token_types[n]`` (any shape with ``N``
+    elements): each token by its own set's router (``spec.token_sets``), the results put back at the
+    tokens' positions. Without token sets this is ``route``."""
+    if spec.token_sets is None:
+        return route(spec, params, x, tokens_per_sequence)
+    sets = token_sets_of(spec, token_types, x.shape[0]).to(x.device)
+    n, k = x.shape[0], spec.top_k
+    logits = x.new_zeros(n, spec.router_width)
+    index = torch.zeros(n, k, dtype=torch.long, device=x.device)
+    weights = x.new_zeros(n, k)
+    margin = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+    kept = torch.ones(n, k, dtype=torch.bool, device=x.device)
+    for s in range(spec.token_sets.num_sets):
+        rows = (sets == s).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        part = route(token_set_spec(spec, s), token_set_params(params, s), x[rows])
+        # NOTE: out-of-place index_put keeps the logits and weights differentiable in each set's router.
+        logits = logits.index_put((rows,), part.logits)
+        weights = weights.index_put((rows,), part.weights)
+        index[rows], margin[rows], kept[rows] = part.index, part.margin.detach(), part.kept
     return Routing(logits=logits, index=index, weights=weights, margin=margin, kept=kept)

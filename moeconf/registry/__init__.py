@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
-from moeconf.registry import deepseek_family, extra_family, sigmoid_family, softmax_family
+from moeconf.registry import (
+    capacity_family,
+    deepseek_family,
+    extra_family,
+    latent_family,
+    mixer_family,
+    sigmoid_family,
+    softmax_family,
+    token_type_family,
+)
 from moeconf.registry.core import CORE_ENTRIES
 from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.registry.layouts import LAYOUTS, Layout
 
 
 def _index(*groups: tuple[ArchEntry, ...]) -> dict[str, ArchEntry]:
+    """Entries by model type, each as the installed transformers release needs it (its declared
+    ``RELEASE_OVERRIDES`` whose range holds, ``moeconf.registry.legacy``)."""
+    from moeconf.registry.legacy import for_installed_release
+
     registry: dict[str, ArchEntry] = {}
     for entry in (e for group in groups for e in group):
         if entry.model_type in registry:
             raise ValueError(f"model_type {entry.model_type!r} is registered twice")
-        registry[entry.model_type] = entry
+        registry[entry.model_type] = for_installed_release(entry)
     return registry
 
 
@@ -25,25 +38,25 @@ def _transformers_major() -> int:
 
 def _legacy_entries() -> tuple[ArchEntry, ...]:
     """Under transformers 4.x only the entries with a declared 4.x variant are registered."""
-    import dataclasses
-
-    from moeconf.registry.legacy import LEGACY_4X
+    from moeconf.registry.legacy import LEGACY_4X, apply_overrides
 
     core = {e.model_type: e for e in CORE_ENTRIES}
-    entries = []
-    for model_type, overrides in LEGACY_4X.items():
-        overrides = dict(overrides)
-        entry = core[model_type]
-        router = overrides.pop("spec_router", None)
-        if router:
-            overrides["spec"] = dataclasses.replace(entry.spec, router=dataclasses.replace(entry.spec.router, **router))
-        entries.append(dataclasses.replace(entry, **overrides))
-    return tuple(entries)
+    return tuple(apply_overrides(core[model_type], overrides) for model_type, overrides in LEGACY_4X.items())
 
 
 TRANSFORMERS_MAJOR = _transformers_major()
 REGISTRY: dict[str, ArchEntry] = (
-    _index(CORE_ENTRIES, softmax_family.ENTRIES, deepseek_family.ENTRIES, sigmoid_family.ENTRIES, extra_family.ENTRIES)
+    _index(
+        CORE_ENTRIES,
+        softmax_family.ENTRIES,
+        deepseek_family.ENTRIES,
+        sigmoid_family.ENTRIES,
+        extra_family.ENTRIES,
+        mixer_family.ENTRIES,
+        capacity_family.ENTRIES,
+        latent_family.ENTRIES,
+        token_type_family.ENTRIES,
+    )
     if TRANSFORMERS_MAJOR >= 5
     else _index(_legacy_entries())
 )

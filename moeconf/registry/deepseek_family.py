@@ -883,7 +883,16 @@ ENTRIES: tuple[ArchEntry, ...] = (
         params=DSV2_BLOCK,
         router_path="gate",
         experts_path="experts",
-        expectations=tuple(
+        expectations=(
+            Expectation(
+                "skip",
+                "upstream: DeepseekV2Moe.route_tokens_to_experts reads self.num_experts, which __init__ never sets, "
+                "on the topk_method='group_limited_greedy' path (5.6.2 modeling_deepseek_v2.py:113), so every "
+                "forward of a group-limited DeepSeek-V2 raises AttributeError; fixed in 5.13.0",
+                releases=">=5.0,<5.13",
+            ),
+        )
+        + tuple(
             Expectation("xfail", DSV2_NORM_IGNORED, check=check)
             for check in (
                 "routing_weights",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moeconf.registry.versions import in_releases, release_range
 from moeconf.spec import MoESpec
 
 
@@ -36,7 +37,9 @@ class Binding:
 class Expectation:
     """A declared deviation: the named check is expected to fail (``xfail``) or cannot run (``skip``).
 
-    ``None`` fields match everything. ``reason`` must name the upstream behaviour.
+    ``None`` fields match everything. ``reason`` must name the upstream behaviour. ``releases`` limits
+    it to the transformers releases in a PEP 440 range (``"<5.13"``): on the releases where upstream
+    fixed the bug the check is judged as usual, so a regression there is a plain ``fail``.
     """
 
     status: Literal["xfail", "skip"]
@@ -45,9 +48,14 @@ class Expectation:
     backend: str | None = None
     dtype: str | None = None
     device: str | None = None
+    releases: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.releases is not None:
+            release_range(self.releases)  # raises on a malformed or empty range, at import time
 
     def matches(self, check: str, backend: str, dtype: str, device: str) -> bool:
-        return all(
+        return in_releases(self.releases) and all(
             want is None or want == got
             for want, got in ((self.check, check), (self.backend, backend), (self.dtype, dtype), (self.device, device))
         )
@@ -72,17 +80,31 @@ class ArchEntry:
         params: bindings covering every canonical parameter of ``spec``.
         router_path: module (relative to the block) whose output the framework records as router logits.
         router_logits_index: index of the logits in that module's output tuple (None: output is the tensor).
-        experts_path: experts module, called as ``experts(hidden [N, H], index [N, k], weights [N, k])``.
+        experts_path: experts module, called as ``experts(hidden [N, H], index [N, k], weights [N, k])``;
+            ``""`` where the block holds the expert weights itself (JetMoE), so no backend can patch them.
         routing_from: where a backend reads the routing: the experts call's arguments, the router's
             dense ``[N, E]`` score matrix (Llama-4, whose experts see pre-weighted inputs), the router's
-            ``(index, weights)`` output (DeepSeek-V3 in transformers 4.x), or nowhere (``"none"``: the
+            ``(index, weights)`` output (DeepSeek-V3 in transformers 4.x), the router's expert-grouped
+            ``(order, token, gates, counts, logits)`` output (``"router_grouped"``: JetMoE, whose experts
+            are called on sorted rows, ``moeconf.hf.block.ungroup_routing``), the capacity router's
+            ``(dispatch, weights, logits)`` output (``"router_dispatch"``: Switch / NLLB, whose experts get
+            a dispatch mask, ``moeconf.hf.block.dispatch_routing``), or nowhere (``"none"``: the
             routing checks are skipped).
-        block_init: constructor arguments of the block class.
+        block_init: constructor arguments of the block class: the config, the config and
+            ``layer_idx=0``, or the config and keyword arguments read from it, as
+            ``((keyword, config attribute), ...)`` (NLLB's ``ffn_dim=config.encoder_ffn_dim``).
         block_config_attr: sub-config the block is built from (``"text_config"`` for composite models).
         train_mode: run the block in ``train()`` (default, as training stacks do) or ``eval()`` (blocks
             whose training forward is stochastic: jitter, Gumbel sampling).
         experts_implementations: transformers experts implementations the experts class accepts.
         expectations: declared xfails/skips, each with the upstream reason.
+        token_types_kwarg: the block forward's keyword that takes the ``[B, S]`` token-type ids
+            choosing each token's expert set (``spec.token_sets``; ERNIE-4.5-VL's
+            ``moe_mm_token_type_ids``); None for blocks without token sets.
+        token_set_modules: the module (relative to the block) holding each token set's router and
+            experts, set 0 first (``("text_moe", "vision_moe")``); ``router_path`` and ``experts_path``
+            name set 0's, and set ``s``'s are the same paths under ``token_set_modules[s]``
+            (``set_path``). Empty for blocks without token sets.
     """
 
     model_type: str
@@ -97,18 +119,36 @@ class ArchEntry:
     router_path: str
     experts_path: str
     router_logits_index: int | None = 0
-    routing_from: Literal["experts_call", "router_dense_scores", "router_index_weights", "none"] = "experts_call"
+    routing_from: Literal[
+        "experts_call", "router_dense_scores", "router_index_weights", "router_grouped", "router_dispatch", "none"
+    ] = "experts_call"
     leaf_classes: tuple[str, ...] = ()
     aux_coef_attr: str | None = None
-    block_init: Literal["config", "config_and_layer_idx"] = "config"
+    block_init: Literal["config", "config_and_layer_idx"] | tuple[tuple[str, str], ...] = "config"
     block_config_attr: str | None = None
     train_mode: bool = True
     experts_implementations: tuple[str, ...] = ("eager", "grouped_mm", "batched_mm")
     expectations: tuple[Expectation, ...] = field(default=())
+    token_types_kwarg: str | None = None
+    token_set_modules: tuple[str, ...] = ()
 
     @property
     def zero3_leaves(self) -> tuple[str, ...]:
         return self.leaf_classes or (self.block_class,)
+
+    @property
+    def num_token_sets(self) -> int:
+        """Expert sets the block holds (1 without token sets)."""
+        return max(1, len(self.token_set_modules))
+
+    def set_path(self, path: str, token_set: int) -> str:
+        """``path`` (set 0's ``router_path`` / ``experts_path``) in token set ``token_set``'s module."""
+        if token_set == 0:
+            return path
+        first = self.token_set_modules[0]
+        if not path.startswith(first + "."):
+            raise ValueError(f"{self.model_type}: {path!r} is not under token set 0's module {first!r}")
+        return self.token_set_modules[token_set] + path[len(first) :]
 
     def expectation(self, check: str, backend: str, dtype: str, device: str) -> Expectation | None:
         """The first declared deviation for this (check, backend, dtype, device), if any."""

@@ -56,7 +56,9 @@ NEMOTRON_H = dict(
     mlp_hidden_act="relu2",
     mlp_bias=False,
     moe_latent_size=None,
-    layers_block_type=["full_attention", "moe"],
+    # The checkpoint's pattern string, not layers_block_type: the layer type names changed in 5.13.0 ("attention"
+    # → "full_attention", "mamba" → "linear_attention"), "*E" means attention then MoE in every release.
+    hybrid_override_pattern="*E",
     head_dim=8,
     use_mamba_kernels=False,
     **ATTENTION,

@@ -1,4 +1,5 @@
-"""transformers 4.x variants of registry entries (per-expert ``ModuleList`` experts).
+"""Variants of registry entries for older transformers releases: 4.x (per-expert ``ModuleList``
+experts, ``LEGACY_4X``) and 5.x releases before a block's layout changed (``RELEASE_OVERRIDES``).
 
 transformers 5 stores experts as fused 3-D parameters; 4.57 kept one ``nn.Module`` per expert, called
 only for experts that received tokens. That is where the ZeRO-3 fetch-order hang and the ZeRO-2 /
@@ -8,10 +9,13 @@ runs these entries under transformers 4.57. Only overrides are listed; the rest 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from moeconf.registry.core import E
-from moeconf.registry.entry import Binding
+from moeconf.registry.entry import ArchEntry, Binding
+from moeconf.registry.versions import in_releases, release_range
 from moeconf.spec import GroupLimit
 
 
@@ -54,3 +58,118 @@ LEGACY_4X: dict[str, dict[str, Any]] = {
         spec_router=dict(group_limit=GroupLimit(n_group=2, topk_group=1, fill="zero")),
     ),
 }
+
+
+# -- older 5.x releases ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseOverride:
+    """Fields of a registered entry that differ on the transformers releases in ``releases``.
+
+    Attributes:
+        releases: a PEP 440 range (``"<5.13"``), checked by ``moeconf.registry.versions``.
+        fields: ``ArchEntry`` fields to replace (``spec_router``: fields of ``spec.router``), as in
+            ``LEGACY_4X``.
+        why: the upstream change, with the release that made it, so the override can be dropped when
+            moeconf stops supporting the older releases.
+    """
+
+    releases: str
+    fields: dict[str, Any]
+    why: str
+
+    def __post_init__(self) -> None:
+        release_range(self.releases)  # a malformed range fails at import, not silently never applies
+
+
+def apply_overrides(entry: ArchEntry, overrides: dict[str, Any]) -> ArchEntry:
+    """``entry`` with ``overrides`` replaced; ``spec_<part>`` replaces fields of ``spec.<part>``
+    (``spec_router``, ``spec_experts``), so an override names only what differs."""
+    overrides = dict(overrides)
+    parts = {key.removeprefix("spec_"): overrides.pop(key) for key in [k for k in overrides if k.startswith("spec_")]}
+    if parts:
+        spec = overrides.get("spec", entry.spec)
+        overrides["spec"] = dataclasses.replace(
+            spec, **{part: dataclasses.replace(getattr(spec, part), **fields) for part, fields in parts.items()}
+        )
+    return dataclasses.replace(entry, **overrides)
+
+
+# Before 5.13 the GraniteMoE blocks were JetMoE-shaped: GraniteMoeTopKGating (router.layer, a Linear)
+# returns (order, token, gates, counts, logits) grouped by expert, and input_linear / output_linear
+# (GraniteMoeParallelExperts, [E, 2I, H] and [E, H, I]) sit on the block and take expert-sorted rows
+# (5.12.1 modeling_granitemoe.py: GraniteMoeTopKGating.forward, GraniteMoeMoE.forward).
+GRANITE_GROUPED = ReleaseOverride(
+    ">=5.0,<5.13",
+    dict(
+        params=(
+            Binding("router.layer.weight", ("router.weight",)),
+            # chunk(2) gives act(first half) · second half: gate rows first.
+            Binding("input_linear.weight", ("experts.w_gate", "experts.w_up"), "gate_up_rows"),
+            Binding("output_linear.weight", ("experts.w_down",)),
+        ),
+        router_logits_index=4,
+        experts_path="",
+        routing_from="router_grouped",
+        experts_implementations=("eager",),  # GraniteMoeParallelExperts is not @use_experts_implementation
+    ),
+    "5.13.0 replaced GraniteMoeTopKGating/GraniteMoeParallelExperts with a top-k router and fused experts",
+)
+
+# 5.6–5.18: OpenAIPrivacyFilterExperts hard-codes its clamped SwiGLU constants (5.6.2
+# modeling_openai_privacy_filter.py:272-273, alpha = 1.702, limit = 7.0) and the config has no
+# swiglu_limit field; 5.19.0 reads config.swiglu_alpha / swiglu_limit.
+PRIVACY_FILTER_FIXED_CLAMP = ReleaseOverride(
+    ">=5.6,<5.19",
+    dict(spec_experts=dict(gptoss_alpha=1.702, gptoss_limit=7.0)),
+    "5.19.0 made the clamp configurable (config.swiglu_limit)",
+)
+
+# Before 5.18 Aria's experts were AriaGroupedExpertsGemm pairs, fc1 [E, H, 2I] (chunk(2): silu(first) ·
+# second) and fc2 [E, I, H], and AriaExperts.forward(hidden, router_logits) did the top-k itself (5.6.2
+# modeling_aria.py: AriaExperts.route_tokens_to_experts): no call carries the routing, so it is not read.
+ARIA_GEMM_EXPERTS = ReleaseOverride(
+    ">=5.0,<5.18",
+    dict(
+        params=(
+            Binding("router.weight", ("router.weight",)),
+            Binding("experts.fc1.weight", ("experts.w_gate", "experts.w_up"), "gate_up_cols"),
+            Binding("experts.fc2.weight", ("experts.w_down",), "transposed"),
+        )
+        + tuple(Binding(f"shared_experts.{m}_proj.weight", (f"shared.w_{m}",)) for m in ("gate", "up", "down")),
+        routing_from="none",
+        experts_implementations=("eager",),  # AriaExperts is not @use_experts_implementation there
+    ),
+    "5.18.0 replaced AriaGroupedExpertsGemm with fused gate_up_proj / down_proj experts",
+)
+
+# Before 5.21 Qwen3OmniMoeThinkerForConditionalGeneration.model was the text model itself (5.6.2
+# modeling_qwen3_omni_moe.py: self.model = Qwen3OmniMoeThinkerTextModel); 5.21.0 wraps it as language_model.
+OMNI_THINKER_TEXT_AT_MODEL = ReleaseOverride(
+    ">=5.0,<5.21", dict(block_path="model.layers.0.mlp"), "5.21.0 moved the thinker's text model to model.language_model"
+)
+OMNI_TEXT_AT_THINKER_MODEL = ReleaseOverride(
+    ">=5.0,<5.21",
+    dict(block_path="thinker.model.layers.0.mlp"),
+    "5.21.0 moved the thinker's text model to thinker.model.language_model",
+)
+
+RELEASE_OVERRIDES: dict[str, tuple[ReleaseOverride, ...]] = {
+    "qwen3_omni_moe_thinker": (OMNI_THINKER_TEXT_AT_MODEL,),
+    "qwen3_omni_moe": (OMNI_TEXT_AT_THINKER_MODEL,),
+    "aria": (ARIA_GEMM_EXPERTS,),
+    "aria_text": (ARIA_GEMM_EXPERTS,),
+    "openai_privacy_filter": (PRIVACY_FILTER_FIXED_CLAMP,),
+    "granitemoe": (GRANITE_GROUPED,),
+    "granitemoeshared": (GRANITE_GROUPED,),
+    "granitemoehybrid": (GRANITE_GROUPED,),
+}
+
+
+def for_installed_release(entry: ArchEntry) -> ArchEntry:
+    """``entry`` as the installed transformers release needs it: every override whose range holds."""
+    for override in RELEASE_OVERRIDES.get(entry.model_type, ()):
+        if in_releases(override.releases):
+            entry = apply_overrides(entry, override.fields)
+    return entry

@@ -9,6 +9,7 @@ from moeconf.registry.core import (
     ATTENTION,
     CORE_ENTRIES,
     FUSED_EXPERTS,
+    GRANITE_AUX_UNRECORDED,
     SWITCH_AUX,
     TOPK_THEN_SOFTMAX,
     E,
@@ -209,6 +210,7 @@ GRANITE_FIELDS: dict[str, Any] = dict(
     params=ROUTER + FUSED_EXPERTS,
     router_path="router",
     experts_path="experts",
+    expectations=GRANITE_AUX_UNRECORDED,
 )
 """The GraniteMoE block (core.py's ``granitemoe``) of the variants whose shared MLP (``shared_intermediate_size``)
 lives in the decoder layer, outside the block: the block's spec has no shared expert."""
@@ -279,7 +281,9 @@ ARIA = ArchEntry(
     model_type="aria",
     config_class="AriaConfig",
     config_kwargs=dict(
-        text_config=ARIA_TEXT,
+        # model_type as a config.json carries it: AriaConfig before 5.20 converts a text_config dict only when
+        # it has one (5.6.2 configuration_aria.py:141) and otherwise crashes setting _attn_implementation.
+        text_config=dict(ARIA_TEXT, model_type="aria_text"),
         vision_config=dict(
             hidden_size=16,
             intermediate_size=16,
