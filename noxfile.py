@@ -80,7 +80,7 @@ def _require_device(session: nox.Session, device: str) -> None:
     session.skip(message)
 
 
-@nox.session(venv_backend="none")
+@nox.session(venv_backend="none", tags=["ci"])
 def cpu(session: nox.Session) -> None:
     """Harness tests and the CPU parity suite (fp32 + bf16, every registered architecture)."""
     _install(session)
@@ -167,7 +167,7 @@ def _share_user_packages(session: nox.Session) -> None:
     Path(venv_purelib, "_moeconf_user_site.pth").write_text("\n".join(lines) + "\n")
 
 
-@nox.session
+@nox.session(tags=["ci"])
 @nox.parametrize("transformers", list(PARTITION_TRANSFORMERS))
 def partition(session: nox.Session, transformers: str) -> None:
     """Multi-rank suite (DeepSpeed ZeRO-2/3, FSDP2, gloo) under transformers 5.x and 4.57.x."""
@@ -178,6 +178,34 @@ def partition(session: nox.Session, transformers: str) -> None:
     # too): a writable cache, a killed build's lock removed, a live build waited for.
     session.run("python", "-m", "moeconf.distributed.deepspeed_env", env={"DS_ACCELERATOR": "cpu"})
     _pytest(session, "partition", env={}, python="python", workers="2")
+
+
+# --- transformers releases ----------------------------------------------------------------------------
+VERSION_MATRIX = {
+    "4.55": "transformers>=4.55,<4.56",
+    "4.57": "transformers>=4.57,<4.58",
+    "5.0": "transformers>=5.0,<5.1",
+    "5.6": "transformers>=5.6,<5.7",
+    "5.12": "transformers>=5.12,<5.13",
+    "latest": "transformers>=5.24,<6",
+}
+"""The releases users run: the oldest admitted, the 4.x line, the first 5.x, frameworks' ceiling
+(LLaMA-Factory 0.9.5 pins <= 5.6), a mid-5.x and the latest."""
+CI_RELEASES = ("4.55", "5.6")
+"""Run by CI (``nox -t ci``) besides the latest, which the cpu session covers."""
+
+
+@nox.session(tags=["versions"])
+@nox.parametrize("transformers", [nox.param(v, tags=["ci"] if v in CI_RELEASES else []) for v in VERSION_MATRIX])
+def versions(session: nox.Session, transformers: str) -> None:
+    """The parity suite (every registered architecture, the single-process backends, fp32 + bf16)
+    under one transformers release; an architecture the release lacks is skipped with the release
+    that added it, and an upstream bug of that release is a declared xfail/skip with its range."""
+    _share_user_packages(session)
+    session.install(VERSION_MATRIX[transformers])
+    session.install("--no-deps", "-e", str(HERE))
+    session.run("python", "-c", "import transformers; print('transformers', transformers.__version__)")
+    _pytest(session, "parity", env={"MOECONF_DEVICE": "cpu"}, python="python", workers="2")
 
 
 # --- performance ------------------------------------------------------------------------------------

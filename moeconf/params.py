@@ -13,6 +13,8 @@ name                        shape        meaning
 ``router.bias``             ``[E]``      router logit bias (GPT-OSS)
 ``router.selection_bias``   ``[E]``      bias used for expert *selection* only (DeepSeek-V3)
 ``router.scale``            ``[1]``      trained scale of every routing weight (Inkling ``global_scale``)
+``router.input_norm.weight`` ``[H]``     scale of the router's RMS-normalised input (Gemma 4 ``router.scale``)
+``router.expert_scale``     ``[E]``      per-expert scale of the routing weights (Gemma 4 ``per_expert_scale``)
 ``experts.w_gate``          ``[E, I, H]`` gate projection (absent for non-gated experts)
 ``experts.w_up``            ``[E, I, H]`` up projection
 ``experts.w_down``          ``[E, H, I]`` down projection
@@ -25,6 +27,8 @@ name                        shape        meaning
 ``shared.w_down``           ``[n, H, S]`` each weighted by its router slot (Inkling)
 ``output_norm.weight``      ``[H]``      RMSNorm on the block output (AXK1)
 ``output.bias``             ``[H]``      learned bias on the block output (JetMoE)
+``routed_input_norm.weight``  ``[H]``   RMSNorm of the routed experts' input (Gemma 4 ``pre_feedforward_layernorm_2``)
+``routed_output_norm.weight`` ``[H]``   RMSNorm of the routed experts' sum (Gemma 4 ``post_feedforward_layernorm_2``)
 ``router.*@s``, ``experts.*@s``  as above  token set ``s ≥ 1``'s router and experts, width ``I_s``
                                          (``MoESpec.token_sets``: ERNIE-4.5-VL's vision experts)
 ``latent.w_pre``            ``[L, H]``   down projection to the experts' latent width (Muse Spark)
@@ -91,7 +95,9 @@ def token_set_params(params: Mapping[str, torch.Tensor], token_set: int) -> Para
     """The parameters token set ``token_set`` computes with, under plain canonical names: its own
     router/experts (``@s`` names stripped) and the unqualified shared/output ones."""
     own = {
-        unqualified(k): v for k, v in params.items() if k.startswith(_PER_SET) and k == qualified(unqualified(k), token_set)
+        unqualified(k): v
+        for k, v in params.items()
+        if k.startswith(_PER_SET) and k == qualified(unqualified(k), token_set)
     }
     common = {k: v for k, v in params.items() if not k.startswith(_PER_SET)}
     return {**common, **own}
@@ -127,6 +133,10 @@ def param_shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
         )
     if spec.router.learned_scale:
         shapes["router.scale"] = (1,)
+    if spec.router.input_norm_eps is not None:
+        shapes["router.input_norm.weight"] = (H,)
+    if spec.router.expert_scale:
+        shapes["router.expert_scale"] = (R,)
     if spec.shared is not None:
         S = spec.shared.intermediate
         # Router-gated shared experts are separate MLPs (one weight each), stacked like routed experts.
@@ -140,6 +150,10 @@ def param_shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
         shapes["output_norm.weight"] = (H,)
     if spec.output_bias:
         shapes["output.bias"] = (H,)
+    if spec.routed_input_norm_eps is not None:
+        shapes["routed_input_norm.weight"] = (H,)
+    if spec.routed_output_norm_eps is not None:
+        shapes["routed_output_norm.weight"] = (H,)
     if spec.token_sets is not None:
         for s in range(1, spec.token_sets.num_sets):
             own = param_shapes(token_set_spec(spec, s))

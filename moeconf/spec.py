@@ -145,6 +145,12 @@ class RouterSpec:
     learned_scale: bool = False
     """A trained scalar ``router.scale [1]`` that multiplies every weight after ``routed_scaling`` (Inkling's
     ``global_scale``)."""
+    input_norm_eps: float | None = None
+    """The router reads ``x / sqrt(mean(x²) + eps) ⊙ router.input_norm.weight [H]`` instead of ``x`` (Gemma 4:
+    its weightless ``router.norm`` times the learned ``router.scale``; its ``× H^-½`` is ``logit_multiplier``)."""
+    expert_scale: bool = False
+    """A trained ``router.expert_scale [E]``: after renormalisation, the weight of the slot routed to expert ``i``
+    is multiplied by ``expert_scale[i]`` (Gemma 4's ``per_expert_scale``)."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,12 @@ class MoESpec:
     output_bias: bool = False
     """A learned bias ``output.bias [H]`` added to every token's block output, after the shared experts and
     before ``output_norm`` (JetMoE's ``JetMoeMoE.bias``)."""
+    routed_input_norm_eps: float | None = None
+    """RMSNorm (weight ``routed_input_norm.weight [H]``) of what the routed experts read; the router and the shared
+    experts read ``x`` itself (Gemma 4's ``pre_feedforward_layernorm_2``)."""
+    routed_output_norm_eps: float | None = None
+    """RMSNorm (weight ``routed_output_norm.weight [H]``) of the routed experts' weighted sum, before the shared
+    experts, ``output_bias`` and ``output_norm`` are added (Gemma 4's ``post_feedforward_layernorm_2``)."""
     latent: LatentSpec | None = None
     """Experts at a latent width behind a normed down projection and an up projection (Muse Spark); shared
     experts, ``output_bias`` and ``output_norm`` act at H, after the up projection."""
@@ -293,6 +305,11 @@ class MoESpec:
         ):
             # Each of these adds x [H] (or scales it) into the expert sum, which a latent MoE forms at width L.
             raise ValueError("a latent MoE has no identity experts, input-side weights or passthrough drops")
+        if self.latent is not None and (
+            self.routed_input_norm_eps is not None or self.routed_output_norm_eps is not None
+        ):
+            # The routed norms act at H around the expert sum; a latent MoE forms that sum at width L.
+            raise ValueError("a latent MoE has no routed input/output norm")
         sets = self.token_sets
         if sets is not None and (
             sets.intermediates[:1] != (self.intermediate,)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeconf.params import param_shapes
+from moeconf.params import param_shapes, unqualified
 from moeconf.registry.entry import ArchEntry
 from moeconf.registry.layouts import LAYOUTS, split_to_canonical
 from moeconf.spec import ExpertSpec, MoESpec, RouterSpec
@@ -105,23 +105,32 @@ def _post_expert_norm(spec: MoESpec, canon: dict[str, torch.Tensor], per_expert:
 
 
 def _patch_fused(block: nn.Module, entry: ArchEntry) -> None:
-    experts_module = block.get_submodule(entry.experts_path)
-    prefix = entry.experts_path + "."
+    # A block with token sets (ERNIE-4.5-VL) has one experts module per set: each is patched alike.
+    for token_set in range(entry.num_token_sets):
+        _patch_fused_experts(block, entry, entry.set_path(entry.experts_path, token_set))
+
+
+def _patch_fused_experts(block: nn.Module, entry: ArchEntry, experts_path: str) -> None:
+    experts_module = block.get_submodule(experts_path)
+    prefix = experts_path + "."
     shapes = param_shapes(entry.spec)
     bindings = [b for b in entry.params if b.path.startswith(prefix)]
+    k = entry.spec.top_k
 
     def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_: Any) -> torch.Tensor:
         canon: dict[str, torch.Tensor] = {}
         for b in bindings:
             tensor = experts_module.get_parameter(b.path[len(prefix) :])
-            canon.update(
-                zip(b.canonical, split_to_canonical(LAYOUTS[b.layout], tensor, tuple(shapes[n] for n in b.canonical)))
-            )
+            parts = split_to_canonical(LAYOUTS[b.layout], tensor, tuple(shapes[n] for n in b.canonical))
+            canon.update(zip(map(unqualified, b.canonical), parts))  # a token set's names, as set 0's
         # NOTE: some experts calls pass [B, S, H] (DBRX), most [N, H]; the routing is per token either way.
         flat = hidden.reshape(-1, hidden.shape[-1])
         per_expert = _post_expert_norm(entry.spec, canon, _all_experts(entry.spec.experts, canon, flat))
         dense = _dense_weights(
-            top_k_index.reshape(flat.shape[0], -1), top_k_weights.reshape(flat.shape[0], -1), entry.spec.num_experts
+            # k named, not -1: a token set may get zero rows, where reshape(0, -1) is ambiguous.
+            top_k_index.reshape(flat.shape[0], k),
+            top_k_weights.reshape(flat.shape[0], k),
+            entry.spec.num_experts,
         )
         out = torch.einsum("ne,neh->nh", dense.to(per_expert.dtype), per_expert).to(hidden.dtype)
         return out.reshape(hidden.shape)

@@ -28,7 +28,7 @@ from moeconf.backends.base import (
 )
 from moeconf.backends.ep_rank import Bug, EPJob, EPResult
 from moeconf.backends.fused_experts import standard_layout_reason
-from moeconf.backends.partitioned import launch, launch_deadline, preflight
+from moeconf.backends.partitioned import launch, launch_deadline, preflight, token_types_reason
 from moeconf.devices import device_available
 from moeconf.hf.block import build_block
 from moeconf.registry.entry import ArchEntry
@@ -36,6 +36,9 @@ from moeconf.registry.entry import ArchEntry
 
 def ep_reason(entry: ArchEntry) -> str | None:
     """None when ``ep-alltoall`` can run ``entry``, else why not (one line)."""
+    token_types = token_types_reason(entry)
+    if token_types is not None:
+        return token_types
     layout = standard_layout_reason(entry)
     if layout is not None:
         return f"expert parallelism re-implements the experts for the fused SwiGLU layout only: {layout}"

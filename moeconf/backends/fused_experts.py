@@ -28,6 +28,9 @@ def standard_layout_reason(entry: ArchEntry) -> str | None:
     experts, spec = entry.spec.experts, entry.spec
     if not entry.experts_path:
         return "no experts module to patch: the block applies its expert weights itself (JetMoE: on expert-sorted rows)"
+    if spec.latent is not None:
+        # The fused path returns Σ w·down(...) directly; Muse Spark's experts norm each expert's output first.
+        return "experts norm each expert's output before weighting it (latent MoE post_expert_norm): no place in the fused path"
     prefixed = tuple(
         Binding(b.path.replace(entry.experts_path + ".", "experts.", 1), b.canonical, b.layout)
         for b in entry.params
@@ -56,7 +59,11 @@ class FusedExpertsBackend(HFBlockBackend):
         )
 
     def _install(self, block: nn.Module, entry: ArchEntry) -> None:
-        experts = block.get_submodule(entry.experts_path)
+        # A block with token sets (ERNIE-4.5-VL) has one experts module per set, each in the same layout.
+        for token_set in range(entry.num_token_sets):
+            self._install_experts(block.get_submodule(entry.set_path(entry.experts_path, token_set)))
+
+    def _install_experts(self, experts: nn.Module) -> None:
 
         def forward(
             hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_: Any

@@ -53,6 +53,12 @@ class NpuGmmBackend(FusedExpertsBackend):
         return ops.npu_moe_token_unpermute(rows, sorted_indices, probs=top_k_weights)
 
     def experts_forward(self, gate_up_proj, down_proj, hidden, top_k_index, top_k_weights):  # type: ignore[no-untyped-def]
+        if hidden.shape[0] == 0:
+            # NOTE: torch_npu's ops reject empty inputs (npu_swiglu); a block with token sets calls a set's
+            # experts on zero rows (ERNIE-4.5-VL). No rows: zero output, and zero (not None) gradients
+            # for every tensor that a grouped matmul over zero rows would have reached.
+            touched = gate_up_proj.sum() + down_proj.sum() + top_k_weights.sum()
+            return hidden.new_zeros(hidden.shape) + 0 * touched.to(hidden.dtype)
         ops = self.ops(hidden.device)
         permuted, sorted_indices = self.permute(ops, hidden, top_k_index)
         counts = self.group_list(top_k_index, gate_up_proj.shape[0])

@@ -243,6 +243,14 @@ def ranks_reason(name: str, world_size: int, device: str) -> str | None:
     return f"{name} needs {world_size} {device} devices (one per rank), this machine has {available}"
 
 
+def token_types_reason(entry: ArchEntry) -> str | None:
+    """The rank jobs call the block with the hidden states only; a block whose expert set is chosen
+    by a per-token type (ERNIE-4.5-VL) needs the type ids too, which they do not pass yet."""
+    if entry.spec.token_sets is None:
+        return None
+    return "the rank job does not pass per-token types to the block (expert sets chosen by token type)"
+
+
 @dataclass
 class PartitionedBackend:
     """A block sharded over ``world_size`` local ranks (gloo on CPU); a ``MultiRankBackend``."""
@@ -283,7 +291,7 @@ class PartitionedBackend:
     def supports(self, entry: ArchEntry, dtype: str, device: str) -> str | None:
         if device not in self.devices or not device_available(device):
             return f"{self.name} runs on {', '.join(self.devices)} only"
-        reason = ranks_reason(self.name, self.world_size, device)
+        reason = ranks_reason(self.name, self.world_size, device) or token_types_reason(entry)
         if reason is not None:
             return reason
         if self.dense:

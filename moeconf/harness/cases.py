@@ -88,6 +88,11 @@ def draw_params(spec: MoESpec, seed: int) -> Params:
         if name.endswith("norm.weight"):
             params[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
             continue
+        if name == "router.expert_scale":
+            # Positive and near 1 as trained (Gemma 4 initialises ones): a scale near 0 or of mixed sign lets the
+            # k weighted outputs cancel, and the routed output norm then divides by a vanishing RMS.
+            params[name] = 1.0 + 0.2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+            continue
         base = unqualified(name)  # a token set's router/experts draw like set 0's
         if base == "router.weight":
             scale = 2.0 / math.sqrt(fan_in)
@@ -229,7 +234,9 @@ def _select_typed(
         rows = (sets == s).nonzero().flatten()
         if rows.numel():
             sub = token_set_spec(spec, s)
-            tokens[rows] = select_tokens(sub, token_set_params(params, s), pools[s], rows.numel(), keep, f"{what}, set {s}")
+            tokens[rows] = select_tokens(
+                sub, token_set_params(params, s), pools[s], rows.numel(), keep, f"{what}, set {s}"
+            )
     return tokens
 
 
@@ -239,7 +246,10 @@ def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: 
     gen = torch.Generator().manual_seed(seed * CASE_SEED_STRIDE + sum(map(ord, case.name)))
     candidates = token_pool(spec.hidden, pool, dtype, gen)
     token_types = case_token_types(spec, case)
-    keep = lambda index: _satisfies(case.constraint, index, spec.num_experts)  # noqa: E731
+
+    def keep(index: torch.Tensor) -> torch.Tensor:
+        return _satisfies(case.constraint, index, spec.num_experts)
+
     if token_types is None:
         tokens = select_tokens(spec, params, candidates, case.tokens, keep, f"case {case.name}")
     else:

@@ -325,7 +325,9 @@ def check_grad_experts(c: CheckInput) -> Outcome:
     #48205) or a None grad (the ZeRO-2/FSDP hang, DeepSpeed #5066) are the bugs this catches.
     """
     names = [n for n in c.reference_grads if n.startswith("experts.")]
-    outcome = _grad_check(c, names + [n for n in c.reference_grads if n.startswith(("output.", "latent."))])
+    # The routed-expert norms (Gemma 4) act on every routed expert's input or sum, so they are judged here.
+    around = ("output.", "latent.", "routed_input_norm.", "routed_output_norm.")
+    outcome = _grad_check(c, names + [n for n in c.reference_grads if n.startswith(around)])
     problems = [
         f"grad {m} is None, expected exact zeros" for m in c.observation.missing_grads if m.startswith("experts.")
     ]

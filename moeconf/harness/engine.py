@@ -127,7 +127,7 @@ def _records(
     records = []
     for check in checks:
         fixed = status_of(check)
-        expectation = entry.expectation(check, backend_name, dtype, sel.device)
+        expectation = entry.expectation(check, backend_name, dtype, sel.device, case.name)
         if fixed is not None:
             outcome, status = outcome_of(check), fixed
         elif expectation is not None and expectation.status == "skip":

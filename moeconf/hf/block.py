@@ -29,15 +29,33 @@ class EntryError(ValueError):
 
 def build_config(entry: ArchEntry) -> Any:
     """The entry's tiny config (the full one; see ``block_config``)."""
-    import transformers
-
-    try:
-        config_cls = getattr(transformers, entry.config_class)
-    except AttributeError:
-        raise EntryError(f"{entry.model_type}: transformers has no config class {entry.config_class}") from None
+    config_cls = _config_class(entry)
     # NOTE: a deep copy: some config classes write into the dicts they are given (Mistral4Config adds
     # partial_rotary_factor to rope_parameters), which would leak into entries sharing that dict.
     return config_cls(**copy.deepcopy(entry.config_kwargs))
+
+
+def _config_class(entry: ArchEntry) -> type:
+    """The entry's config class: exported by ``transformers``, else defined in the model's own
+    ``configuration_*`` module (the sibling of ``modeling_module``).
+
+    NOTE: sub-configs are not always exported: before 5.6 ``Qwen3OmniMoeTextConfig`` and
+    ``Qwen3OmniMoeTalkerTextConfig`` are only in configuration_qwen3_omni_moe.py (5.5.4 ``__all__``
+    lists three of its classes), yet the models build them; the class is the same either way.
+    """
+    import transformers
+
+    config_cls = getattr(transformers, entry.config_class, None)
+    if config_cls is None:
+        package, _, module = entry.modeling_module.rpartition(".")
+        try:
+            configuration = importlib.import_module(f"{package}.{module.replace('modeling_', 'configuration_', 1)}")
+        except ImportError:
+            configuration = None
+        config_cls = getattr(configuration, entry.config_class, None)
+    if config_cls is None:
+        raise EntryError(f"{entry.model_type}: transformers has no config class {entry.config_class}")
+    return config_cls
 
 
 def block_config(entry: ArchEntry, config: Any) -> Any:
@@ -64,10 +82,23 @@ def build_block(entry: ArchEntry, experts_implementation: str | None = None) -> 
         config._experts_implementation = experts_implementation
     cls = block_class(entry)
     if entry.block_init == "config_and_layer_idx":
-        return cls(config, layer_idx=0)
+        return adapt_block(entry, cls(config, layer_idx=0))
     if isinstance(entry.block_init, tuple):  # e.g. NllbMoeSparseMLP(config, ffn_dim=config.encoder_ffn_dim)
-        return cls(config, **{keyword: getattr(config, attr) for keyword, attr in entry.block_init})
-    return cls(config)
+        return adapt_block(entry, cls(config, **{keyword: getattr(config, attr) for keyword, attr in entry.block_init}))
+    return adapt_block(entry, cls(config))
+
+
+def adapt_block(entry: ArchEntry, module: nn.Module) -> nn.Module:
+    """``module`` itself, or the entry's ``block_adapter`` wrapped around it (Gemma 4's decoder layer →
+    its MoE branch); the adapter shares the module's submodules, so a patch of either reaches both."""
+    if entry.block_adapter is None:
+        return module
+    module_name, _, attr = entry.block_adapter.partition(":")
+    try:
+        adapter = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise EntryError(f"{entry.model_type}: no block adapter {entry.block_adapter!r}") from None
+    return adapter(module)
 
 
 def build_model_block(
@@ -93,11 +124,12 @@ def build_model_block(
         model = getattr(transformers, entry.model_class)(config)
     model = model_patch(model, entry) or model
     try:
-        return model.get_submodule(entry.block_path)
+        module = model.get_submodule(entry.block_path)
     except AttributeError:
         raise EntryError(
             f"{entry.model_type}: after the model patch there is no module at {entry.block_path}"
         ) from None
+    return adapt_block(entry, module)
 
 
 @cache
@@ -308,8 +340,10 @@ class Recording:
         args = list(self.experts_args) + list(self.experts_kwargs.values())
         if len(args) < 3:
             return None, None
-        return args[1], args[2]
-
+        # NOTE: experts called per [B, S] position (AFMoE before 5.4: index and weights [B, S, k]) take
+        # the same routing as [N, k] rows.
+        index, weights = args[1], args[2]
+        return index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
 
     def _by_set(self, parts: Sequence[Sequence[torch.Tensor | None]]) -> list[torch.Tensor | None]:
         """Per-set tensors (``parts[s]``, rows = set ``s``'s tokens in token order, as the block
@@ -377,11 +411,19 @@ def dispatch_routing(router_output: Sequence[Any], spec: MoESpec) -> tuple[torch
 
 
 def _output_capturing() -> Any:
-    """transformers' output-capturing module (5.x), or None where it does not exist (4.x)."""
+    """transformers' output-capturing module (5.2+), ``transformers.utils.generic`` where the recorder
+    lives inside ``check_model_inputs`` (5.0, 5.1: ``OutputRecorder`` and ``_CAN_RECORD_REGISTRY``, no
+    hooks to install), or None where there is none to reuse (4.x)."""
     try:
         return importlib.import_module("transformers.utils.output_capturing")
     except ImportError:
+        pass
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
         return None
+    generic = importlib.import_module("transformers.utils.generic")
+    return generic if hasattr(generic, "OutputRecorder") and hasattr(generic, "_CAN_RECORD_REGISTRY") else None
 
 
 _RECORDERS: dict[tuple[str, str, str, str], tuple[tuple[Any, ...], str]] = {}
@@ -475,9 +517,45 @@ def _install_model_recorder(entry: ArchEntry, block: nn.Module) -> bool:
         return False
     specs, name = recorders
     capturing = _output_capturing()
+    if not hasattr(capturing, "recursively_install_hooks"):
+        return True  # 5.0 / 5.1: ``recording`` hooks the matching modules for its own duration
     capturing.recursively_install_hooks(block, name, [("router_logits", spec) for spec in specs])
     setattr(block, "_moeconf_router_recorder", True)  # noqa: B010 - a marker on a module, not an attribute it defines
     return True
+
+
+def _check_model_inputs_hooks(entry: ArchEntry, block: nn.Module, collected: list[torch.Tensor]) -> list[Any]:
+    """Forward hooks collecting into ``collected`` what 5.0 / 5.1's ``check_model_inputs`` records as
+    ``router_logits`` for this block.
+
+    NOTE: there the recorder is a closure that wraps ``forward`` only during the model's own forward
+    (5.0.0 utils/generic.py:950-993), so it cannot be installed on a bare block; its two rules are
+    applied here to the model's own specs (``router_logits_recorders``): a module matches by class or
+    by its full name ending in ``class_name`` (and containing ``layer_name``), and a tuple output is
+    recorded at the spec's index unless that item is None, any other output whole.
+    """
+    specs, name = router_logits_recorders(entry) or ((), "")
+    prefix = name.lstrip(".")
+    handles = []
+    for sub_name, module in block.named_modules():
+        full = ".".join(part for part in (prefix, sub_name) if part)
+        for spec in specs:
+            matched = (spec.target_class is not None and isinstance(module, spec.target_class)) or (
+                spec.class_name is not None and full.endswith(spec.class_name)
+            )
+            if matched and (spec.layer_name is None or spec.layer_name in full):
+                handles.append(module.register_forward_hook(_collector(collected, spec.index)))
+    return handles
+
+
+def _collector(collected: list[torch.Tensor], index: int) -> Callable[..., None]:
+    def collect(_module: nn.Module, _args: Any, output: Any) -> None:
+        if not isinstance(output, tuple):
+            collected.append(output)
+        elif output[index] is not None:
+            collected.append(output[index])
+
+    return collect
 
 
 def _hook_set(entry: ArchEntry, block: nn.Module, rec: Recording, token_set: int) -> list[Any]:
@@ -525,12 +603,15 @@ def recording(entry: ArchEntry, block: nn.Module, token_types: torch.Tensor | No
     if capturing is not None:
         # The collector capture_outputs opens around a model's forward with output_router_logits.
         collected: dict[str, list[torch.Tensor]] = {"router_logits": []}
-        token = capturing._active_collector.set(collected)
+        if hasattr(capturing, "_active_collector"):
+            token = capturing._active_collector.set(collected)
+        else:
+            handles += _check_model_inputs_hooks(entry, block, collected["router_logits"])
         rec.recorded_logits = collected["router_logits"]
     try:
         yield rec
     finally:
-        if capturing is not None:
+        if token is not None:
             capturing._active_collector.reset(token)
         for handle in handles:
             handle.remove()

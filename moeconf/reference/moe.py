@@ -202,8 +202,13 @@ def reference_forward(
     b, s, h = x.shape
     flat = x.reshape(b * s, h)
     routing = route_tokens(spec, params, flat, token_types, tokens_per_sequence=s)
-    routed = routed_output_by_set(spec, params, latent_input(spec, params, flat), routing, token_types)
+    experts_in = latent_input(spec, params, flat)
+    if spec.routed_input_norm_eps is not None:  # Gemma 4: the routed experts read a normed x, the router x itself
+        experts_in = rms_norm(experts_in, params["routed_input_norm.weight"], spec.routed_input_norm_eps)
+    routed = routed_output_by_set(spec, params, experts_in, routing, token_types)
     out = latent_output(spec, params, routed)
+    if spec.routed_output_norm_eps is not None:  # normed before the shared experts join (Gemma 4)
+        out = rms_norm(out, params["routed_output_norm.weight"], spec.routed_output_norm_eps)
     if spec.shared is not None:
         out = out + shared_mlp(spec, params, flat, routing.shared_weights)
         if spec.shared.combine == "average":

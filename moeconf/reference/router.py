@@ -44,6 +44,9 @@ class Routing:
 def router_logits(spec: MoESpec, params: Params, x: torch.Tensor) -> torch.Tensor:
     """``[N, H] → [N, E + Z + n]`` (``n`` shared slots): ``x Wᵀ (+ b)``, scaled by ``logit_multiplier`` and soft-capped."""
     router = spec.router
+    if router.input_norm_eps is not None:  # Gemma 4: the router reads its own RMS-normalised, rescaled input
+        x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + router.input_norm_eps)
+        x = x * params["router.input_norm.weight"]
     logits = F.linear(x, params["router.weight"], params.get("router.bias") if router.logit_bias else None)
     logits = logits * router.logit_multiplier
     if router.logit_softcap is not None:
@@ -184,6 +187,10 @@ def route(spec: MoESpec, params: Params, x: torch.Tensor, tokens_per_sequence: i
         weights = weights / (total.clamp_min(router.renorm_eps) if router.renorm_clamp else total + router.renorm_eps)
     elif router.renorm == "pnorm":
         weights = weights / torch.linalg.vector_norm(weights, ord=router.renorm_p, dim=-1, keepdim=True)
+    if router.expert_scale:
+        # Gemma 4: each picked slot times its expert's learned scale, after the renormalisation (so the
+        # weights no longer sum to 1); shared slots, if any, are not experts and keep theirs.
+        weights = torch.cat([weights[:, :k] * params["router.expert_scale"][index], weights[:, k:]], dim=-1)
 
     # Capacity: drops decided in rank order (the priority may depend on it), then aligned with ``index``.
     kept = torch.ones_like(index, dtype=torch.bool)

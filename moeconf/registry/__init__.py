@@ -6,6 +6,8 @@ from moeconf.registry import (
     capacity_family,
     deepseek_family,
     extra_family,
+    gated_shared_family,
+    gemma4_family,
     latent_family,
     mixer_family,
     sigmoid_family,
@@ -50,12 +52,14 @@ REGISTRY: dict[str, ArchEntry] = (
         CORE_ENTRIES,
         softmax_family.ENTRIES,
         deepseek_family.ENTRIES,
+        gemma4_family.ENTRIES,
         sigmoid_family.ENTRIES,
         extra_family.ENTRIES,
         mixer_family.ENTRIES,
         capacity_family.ENTRIES,
         latent_family.ENTRIES,
         token_type_family.ENTRIES,
+        gated_shared_family.ENTRIES,
     )
     if TRANSFORMERS_MAJOR >= 5
     else _index(_legacy_entries())

@@ -20,6 +20,7 @@ from moeconf.spec import Capacity, ExpertSpec, LossSpec, MoESpec, RouterSpec
 RELU_MLP = ExpertSpec(activation="relu", glu="none")
 """``wo(relu(wi(x)))`` (Switch ``dense_act_fn`` / NLLB ``activation_function``, both "relu" by default)."""
 
+
 def per_expert(num_experts: int, projections: tuple[tuple[str, str], ...], bias: bool = False) -> tuple[Binding, ...]:
     """Bindings of ``experts.expert_{e}.<projection>.weight`` (and ``.bias``) for every expert ``e``.
 
@@ -220,9 +221,12 @@ NLLB_MOE = ArchEntry(
             "grad_input",
             "grad_router",
             "grad_experts",
-            # the adversarial steps (multi-rank backends): every output, gradient and update is off from step 0
+            # the adversarial steps (multi-rank backends): every output, gradient and update is off from step 0,
+            # so from step 1 on the routing, the router losses and the idle experts differ too
             "partition_output",
+            "partition_losses",
             "partition_grads",
+            "partition_zero_grads",
             "partition_params",
         )
     )

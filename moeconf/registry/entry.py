@@ -39,7 +39,8 @@ class Expectation:
 
     ``None`` fields match everything. ``reason`` must name the upstream behaviour. ``releases`` limits
     it to the transformers releases in a PEP 440 range (``"<5.13"``): on the releases where upstream
-    fixed the bug the check is judged as usual, so a regression there is a plain ``fail``.
+    fixed the bug the check is judged as usual, so a regression there is a plain ``fail``. ``case``
+    limits it to one input case (``moeconf.harness.cases``), for a bug only that batch shape reaches.
     """
 
     status: Literal["xfail", "skip"]
@@ -49,15 +50,23 @@ class Expectation:
     dtype: str | None = None
     device: str | None = None
     releases: str | None = None
+    case: str | None = None
 
     def __post_init__(self) -> None:
         if self.releases is not None:
             release_range(self.releases)  # raises on a malformed or empty range, at import time
 
-    def matches(self, check: str, backend: str, dtype: str, device: str) -> bool:
+    def matches(self, check: str, backend: str, dtype: str, device: str, case: str | None = None) -> bool:
+        """Whether it applies; a case-limited declaration applies only where the case is known."""
         return in_releases(self.releases) and all(
             want is None or want == got
-            for want, got in ((self.check, check), (self.backend, backend), (self.dtype, dtype), (self.device, device))
+            for want, got in (
+                (self.check, check),
+                (self.backend, backend),
+                (self.dtype, dtype),
+                (self.device, device),
+                (self.case, case),
+            )
         )
 
 
@@ -131,6 +140,11 @@ class ArchEntry:
     expectations: tuple[Expectation, ...] = field(default=())
     token_types_kwarg: str | None = None
     token_set_modules: tuple[str, ...] = ()
+    block_adapter: str | None = None
+    """``"package.module:Class"`` of an adapter that makes the MoE block out of a module which is not one
+    (Gemma 4: router and experts are children of the decoder layer, ``block_class``). ``Class(module)`` wraps
+    the module built as ``block_init`` says (or found at ``block_path``) and shares its submodules, so the
+    bindings, ``router_path`` and ``experts_path`` are relative to the adapter. None: the module is the block."""
 
     @property
     def zero3_leaves(self) -> tuple[str, ...]:
@@ -150,9 +164,11 @@ class ArchEntry:
             raise ValueError(f"{self.model_type}: {path!r} is not under token set 0's module {first!r}")
         return self.token_set_modules[token_set] + path[len(first) :]
 
-    def expectation(self, check: str, backend: str, dtype: str, device: str) -> Expectation | None:
-        """The first declared deviation for this (check, backend, dtype, device), if any."""
-        return next((x for x in self.expectations if x.matches(check, backend, dtype, device)), None)
+    def expectation(
+        self, check: str, backend: str, dtype: str, device: str, case: str | None = None
+    ) -> Expectation | None:
+        """The first declared deviation for this (check, backend, dtype, device[, case]), if any."""
+        return next((x for x in self.expectations if x.matches(check, backend, dtype, device, case)), None)
 
 
 def sub_config_variant(

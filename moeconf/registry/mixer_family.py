@@ -15,7 +15,7 @@ the formulas, the upstream lines and the upstream findings.
 from __future__ import annotations
 
 from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, TOPK_THEN_SOFTMAX, E, H, I, K
-from moeconf.registry.entry import ArchEntry, Binding
+from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.spec import MoESpec, RouterSpec
 
 SPARSEMIXER_EPS = 0.2
@@ -82,6 +82,22 @@ ENTRIES: tuple[ArchEntry, ...] = (
         # mask, :383-390, :434-442; the custom PhimoeMultiplier backward, :238-297, replaces autograd). Only
         # eval is deterministic: argmax picks, plain masked-softmax weights and autograd gradients.
         train_mode=False,
+        expectations=tuple(
+            Expectation(
+                "xfail",
+                "upstream, 5.0.0: PhimoeTopKRouter scatters the two weights into a dense [N, E] tensor "
+                "(5.0.0 modeling_phimoe.py:512) and returns it in place of the logits (recorded as "
+                "router_logits: the aux loss is computed from it), and PhimoeExperts reads it by top-k "
+                "position, top_k_weights[token_idx, top_k_pos] (:366): each pick is weighted by expert 0's or "
+                "1's weight; fixed in 5.1.0 (router returns logits, weights [N, k])",
+                check=check,
+                releases=">=5.0,<5.1",
+                case=case,
+            )
+            for check in ("output", "grad_input", "grad_router", "grad_experts", "aux_loss", "grad_aux_loss")
+            # NOTE: with one token the router's gradient happens to agree (measured on 5.0.0): not declared there.
+            for case in (("random", "empty_expert", "one_expert") if check == "grad_router" else (None,))
+        ),
     ),
     ArchEntry(
         model_type="jetmoe",

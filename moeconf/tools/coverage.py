@@ -62,14 +62,7 @@ DECLARED_UNSUPPORTED: dict[str, str] = {
     # docs/transformers-moe-landscape.md, 'Declared unsupported types'.
     "doge": "product-key retrieval experts (nn.Embedding up/down, two top-√E key lists): no routed-expert MLP to compare",
     "vitpose_backbone": "experts selected by a dataset index, no router: nothing token-routed to check",
-    "gemma4": "no MoE block: router/experts are Gemma4TextDecoderLayer children; router input RMSNorm·scale·H^-½, weights × per_expert_scale[i], expert in/out RMSNorms, router records probabilities",
-    "gemma4_text": "as gemma4 (same decoder layer)",
-    "diffusion_gemma": "as gemma4 (DiffusionGemma encoder/decoder text layers)",
-    "diffusion_gemma_text": "as gemma4 (same decoder layers)",
-    "inkling_text": "router-gated shared experts: router rows E + n_shared, weights softmax(logsigmoid([ℓ_i, ℓ_shared]))·route_scale·global_scale (trainable)",
-    "inkling_mm_model": "as inkling_text (same block)",
     "zaya": "router is an MLP with a state carried from the previous layer, E+1 classes with a skip class, top-1 only; block returns (out, state)",
-    "dots3_note_vision_encoder": "vision-tower MoE (Dots3NoteVisionMoE, sigmoid + block bias): entry not written yet; the text MoE is registered as dots3_note",
 }
 """MoE model types that are deliberately not registered, each with its reason (one line)."""
 
