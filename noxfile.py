@@ -49,7 +49,12 @@ def _install(session: nox.Session) -> None:
 
 
 def _pytest(
-    session: nox.Session, marker: str, env: dict[str, str], python: str = PYTHON, workers: str = "auto"
+    session: nox.Session,
+    marker: str,
+    env: dict[str, str],
+    python: str = PYTHON,
+    workers: str = "auto",
+    extra: tuple[str, ...] = (),
 ) -> None:
     session.run(
         python,
@@ -57,6 +62,7 @@ def _pytest(
         "pytest",
         "-n",
         os.environ.get("MOECONF_WORKERS", workers),
+        *extra,
         "-p",
         "no:cacheprovider",
         "-m",
@@ -177,7 +183,8 @@ def partition(session: nox.Session, transformers: str) -> None:
     # Build DeepSpeed's CPU comm op once, up front (what `moeconf check` does before its first launch
     # too): a writable cache, a killed build's lock removed, a live build waited for.
     session.run("python", "-m", "moeconf.distributed.deepspeed_env", env={"DS_ACCELERATOR": "cpu"})
-    _pytest(session, "partition", env={}, python="python", workers="2")
+    # one backend's tests per worker at a time (xdist groups): each worker keeps few rank pools up
+    _pytest(session, "partition", env={}, python="python", workers="2", extra=("--dist", "loadgroup"))
 
 
 # --- transformers releases ----------------------------------------------------------------------------

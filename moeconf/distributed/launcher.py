@@ -1100,7 +1100,11 @@ class RankPool:
 # Pools kept between calls, least recently used first. Several backends of one `moeconf check` run
 # arch after arch (the engine goes arch-major), so each backend keeps its own pool; beyond
 # MAX_IDLE_POOLS the oldest is closed to bound memory (2 ranks with DeepSpeed loaded: ~1 GB).
-MAX_IDLE_POOLS = 3
+# NOTE: at least the built-in multi-rank backends a suite runs together (zero3-leaf, zero2-dense,
+# fsdp2-dense, ep-alltoall, ep-alltoall-4): with fewer, arch-major order closes the least recently
+# used pool at every architecture and each backend pays its ~20 s start again (measured: a 4-backend
+# run over 100 archs went from minutes to over 20 min with 3).
+MAX_IDLE_POOLS = 6
 _idle_pools: OrderedDict[Hashable, RankPool] = OrderedDict()
 _pools_lock = threading.Lock()
 

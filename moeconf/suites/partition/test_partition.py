@@ -41,8 +41,14 @@ def _needs(backend: str) -> None:
         pytest.importorskip("deepspeed")
 
 
+BACKENDS = [pytest.param(b, marks=pytest.mark.xdist_group(b)) for b in MATRIX.backends]
+"""One xdist group per backend (``--dist loadgroup`` in the partition session): a worker runs one
+backend's architectures one after another on that backend's rank pool, instead of every worker
+keeping a pool of every backend."""
+
+
 @pytest.mark.parametrize("dtype", MATRIX.dtypes)
-@pytest.mark.parametrize("backend", MATRIX.backends)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", MATRIX.archs)
 def test_partitioned_backend_matches_the_reference(arch: str, backend: str, dtype: str) -> None:
     require_device(MATRIX.device)
@@ -63,7 +69,7 @@ WIDE_ARCHS = [a for a in ("mixtral", "qwen3_moe", "deepseek_v3") if a in MATRIX.
 """Architectures also run on 4 ranks (4 rank processes per case on the 2-core runner: a sample)."""
 
 
-@pytest.mark.parametrize("backend", MATRIX.backends)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", WIDE_ARCHS)
 def test_four_ranks_match_the_reference(arch: str, backend: str) -> None:
     """4 ranks: per-rank expert subsets that overlap but stay unequal (rank 0 calls one expert more)."""
