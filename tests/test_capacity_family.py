@@ -32,6 +32,9 @@ from moeconf.reference.router import _apply_capacity, _renorm_kept
 from moeconf.registry import REGISTRY, ArchEntry
 from moeconf.spec import Capacity
 
+if "switch_transformers" not in REGISTRY:  # transformers 4.x registers only the entries with a 4.x variant
+    pytest.skip("switch_transformers is registered on transformers 5.x only", allow_module_level=True)
+
 SWITCH = REGISTRY["switch_transformers"]
 NLLB = REGISTRY["nllb-moe"]
 NLLB_UNDECLARED = dataclasses.replace(NLLB, expectations=())
