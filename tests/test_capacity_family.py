@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from moeconf.backends import HFBlockBackend, Observation, RunRequest
-from moeconf.harness.engine import CheckResult, Selection, run_arch
 from moeconf.hf.block import Recording, framework_loss_fn
 from moeconf.reference.losses import load_balancing_loss, router_z_loss
 from moeconf.reference.router import _apply_capacity, _renorm_kept
 from moeconf.registry import REGISTRY, ArchEntry
 from moeconf.spec import Capacity
+from tests.records import judged_records, red
 
 if "switch_transformers" not in REGISTRY:  # transformers 4.x registers only the entries with a 4.x variant
     pytest.skip("switch_transformers is registered on transformers 5.x only", allow_module_level=True)
@@ -39,19 +39,6 @@ SWITCH = REGISTRY["switch_transformers"]
 NLLB = REGISTRY["nllb-moe"]
 NLLB_UNDECLARED = dataclasses.replace(NLLB, expectations=())
 """NLLB without its declared xfails: a block with the one-hot bug fixed must pass every check."""
-
-
-def run(entry: ArchEntry, backend: HFBlockBackend, dtype: str = "fp32") -> list[CheckResult]:
-    """Every record of ``entry`` on ``backend``; none may be an error (a seeded bug must be *judged* red)."""
-    sel = Selection(archs=(entry.model_type,), backends=(backend.name,), dtypes=(dtype,))
-    records = [r for group in run_arch(sel, entry, {backend.name: backend}, dtype) for r in group]
-    errors = [f"{r.case} {r.check}: {r.message}" for r in records if r.status in ("error", "setup")]
-    assert records and not errors, errors[:3]
-    return records
-
-
-def red(records: list[CheckResult]) -> set[str]:
-    return {r.check for r in records if r.status == "fail"}
 
 
 def _replace_router_output(block: nn.Module, fn: Any) -> None:
@@ -205,7 +192,7 @@ SWITCH_BUGS: dict[str, tuple[HFBlockBackend, set[str], set[str]]] = {
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_shipped_switch_block_fails_only_as_declared(dtype: str) -> None:
-    records = run(SWITCH, HFBlockBackend("hf-eager"), dtype)
+    records = judged_records(SWITCH, HFBlockBackend("hf-eager"), dtype)
     assert red(records) == set()
     assert {r.check for r in records if r.status == "xfail"} == {"grad_experts"}
     assert {r.check for r in records if r.status == "pass"} >= {"routing", "routing_weights", "output", "z_loss"}
@@ -214,7 +201,7 @@ def test_the_shipped_switch_block_fails_only_as_declared(dtype: str) -> None:
 @pytest.mark.parametrize("bug", sorted(SWITCH_BUGS))
 def test_switch_seeded_bug_turns_its_check_red(bug: str) -> None:
     backend, must_fail, must_pass = SWITCH_BUGS[bug]
-    failing = red(run(SWITCH, backend))
+    failing = red(judged_records(SWITCH, backend))
     assert must_fail <= failing, f"{bug}: expected {must_fail} red, got {failing}"
     assert not (must_pass & failing), f"{bug}: {must_pass & failing} went red too"
 
@@ -283,7 +270,7 @@ def test_shipped_nllb_experts_run_only_experts_zero_and_one() -> None:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_shipped_nllb_block_fails_only_as_declared(dtype: str) -> None:
-    records = run(NLLB, HFBlockBackend("hf-eager"), dtype)
+    records = judged_records(NLLB, HFBlockBackend("hf-eager"), dtype)
     assert red(records) == set()
     assert {r.check for r in records if r.status == "xfail"} == {"output", "grad_input", "grad_router", "grad_experts"}
     assert {r.check for r in records if r.status == "pass"} == {
@@ -298,13 +285,13 @@ def test_the_shipped_nllb_block_fails_only_as_declared(dtype: str) -> None:
 def test_nllb_with_the_combine_fixed_passes_every_check(dtype: str) -> None:
     """The spec (slot order, batch capacity, weights renormalised over the kept slots) is the router
     as shipped: with the experts combining as documented, nothing fails."""
-    assert red(run(NLLB_UNDECLARED, HFBlockBackend("nllb-fixed", patch=_nllb_fixed), dtype)) == set()
+    assert red(judged_records(NLLB_UNDECLARED, HFBlockBackend("nllb-fixed", patch=_nllb_fixed), dtype)) == set()
 
 
 @pytest.mark.parametrize("bug", sorted(NLLB_BUGS))
 def test_nllb_seeded_bug_turns_its_check_red(bug: str) -> None:
     backend, must_fail = NLLB_BUGS[bug]
-    failing = red(run(NLLB_UNDECLARED, backend))
+    failing = red(judged_records(NLLB_UNDECLARED, backend))
     assert must_fail <= failing, f"{bug}: expected {must_fail} red, got {failing}"
     assert "aux_loss" not in failing  # the router's logits are untouched
 

@@ -16,12 +16,12 @@ from torch import nn
 
 from moeconf.backends import HFBlockBackend
 from moeconf.harness.cases import draw_params
-from moeconf.harness.engine import CheckResult, Selection, run_selection
 from moeconf.hf.adapters import Gemma4MoEBranch
 from moeconf.hf.block import block_class, block_config, build_block, build_config, load_params
 from moeconf.reference import reference_forward, route
 from moeconf.registry import REGISTRY, ArchEntry
 from moeconf.spec import MoESpec, RouterSpec
+from tests.records import assert_caught, records_of, red
 
 ARCHS = ("gemma4", "gemma4_text", "diffusion_gemma", "diffusion_gemma_text")
 
@@ -198,28 +198,17 @@ SEEDED: dict[str, tuple[set[str], set[str]]] = {
 }
 
 
-def run(arch: str, backend: str, dtype: str) -> list[CheckResult]:
-    selection = Selection(archs=(arch,), backends=(backend,), dtypes=(dtype,))
-    return [r for group in run_selection(selection) for r in group]
-
-
-def red(records: list[CheckResult]) -> set[str]:
-    return {r.check for r in records if r.status in ("fail", "error")}
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("bug", sorted(SEEDED))
 def test_seeded_bug_is_reported_under_the_right_check(bug: str, dtype: str) -> None:
     must_fail, must_pass = SEEDED[bug]
-    failing = red(run("gemma4_text", f"tests.test_gemma4_family:{bug}", dtype))
-    assert must_fail <= failing, f"{bug}: expected {must_fail} red, got {failing}"
-    assert not (must_pass & failing), f"{bug}: {must_pass & failing} went red too (not specific)"
+    assert_caught(bug, records_of("gemma4_text", f"tests.test_gemma4_family:{bug}", dtype), must_fail, must_pass)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_real_block_passes_the_same_selection(dtype: str) -> None:
     """Control: red above means the bug, not the entry."""
-    records = run("gemma4_text", "hf-eager", dtype)
+    records = records_of("gemma4_text", "hf-eager", dtype)
     assert red(records) == set() and not [r for r in records if r.status == "xfail"]
 
 

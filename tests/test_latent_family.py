@@ -16,12 +16,12 @@ from torch import nn
 
 from moeconf.backends import HFBlockBackend
 from moeconf.backends.hf import HF_DENSE, HF_EAGER
-from moeconf.harness.engine import CheckResult, Selection, run_arch
 from moeconf.params import param_shapes
 from moeconf.reference import reference_forward
 from moeconf.reference.moe import latent_norm
 from moeconf.registry import REGISTRY, ArchEntry
 from moeconf.spec import ExpertSpec, LatentSpec, MoESpec
+from tests.records import judged_records, red
 
 if "muse_spark_text" not in REGISTRY:  # transformers 4.x registers only the entries with a 4.x variant
     pytest.skip("muse_spark_text is registered on transformers 5.x only", allow_module_level=True)
@@ -97,23 +97,10 @@ def test_latent_spec_refuses_what_would_add_x_into_the_latent_sum() -> None:
 # --- the shipped blocks ------------------------------------------------------------------------------
 
 
-def run(entry: ArchEntry, backend: HFBlockBackend, dtype: str = "fp32") -> list[CheckResult]:
-    """Every record of ``entry`` on ``backend``; none may be an error (a seeded bug must be *judged* red)."""
-    sel = Selection(archs=(entry.model_type,), backends=(backend.name,), dtypes=(dtype,))
-    records = [r for group in run_arch(sel, entry, {backend.name: backend}, dtype) for r in group]
-    errors = [f"{r.case} {r.check}: {r.message}" for r in records if r.status in ("error", "setup")]
-    assert records and not errors, errors[:3]
-    return records
-
-
-def red(records: list[CheckResult]) -> set[str]:
-    return {r.check for r in records if r.status == "fail"}
-
-
 @pytest.mark.parametrize("backend", [HF_EAGER, HF_DENSE], ids=lambda b: b.name)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_shipped_muse_block_passes(backend: HFBlockBackend, dtype: str) -> None:
-    records = run(MUSE, backend, dtype)
+    records = judged_records(MUSE, backend, dtype)
     assert {r.status for r in records} == {"pass"}
 
 
@@ -174,7 +161,7 @@ SEEDED = {
 @pytest.mark.parametrize("bug", sorted(SEEDED))
 def test_latent_seeded_bug_turns_its_check_red(bug: str) -> None:
     patch, want_red, want_green = SEEDED[bug]
-    records = run(MUSE, HFBlockBackend(f"seeded-{bug}", patch=patch))
+    records = judged_records(MUSE, HFBlockBackend(f"seeded-{bug}", patch=patch))
     got = red(records)
     assert want_red <= got, f"{bug}: expected {sorted(want_red)} red, got {sorted(got)}"
     assert not got & want_green, f"{bug}: {sorted(got & want_green)} went red too"

@@ -17,11 +17,11 @@ from torch import nn
 
 from moeconf.backends import HFBlockBackend
 from moeconf.harness.cases import draw_params
-from moeconf.harness.engine import CheckResult, Selection, run_selection
 from moeconf.hf.block import build_block, load_params, recording, ungroup_routing
 from moeconf.reference import reference_forward, route
 from moeconf.registry import REGISTRY, ArchEntry
 from moeconf.spec import MoESpec, RouterSpec
+from tests.records import assert_caught, records_of, red
 
 INF = float("inf")
 
@@ -294,28 +294,17 @@ SEEDED: dict[str, tuple[str, set[str], set[str]]] = {
 }
 
 
-def run(arch: str, backend: str, dtype: str) -> list[CheckResult]:
-    selection = Selection(archs=(arch,), backends=(backend,), dtypes=(dtype,))
-    return [r for group in run_selection(selection) for r in group]
-
-
-def red(records: list[CheckResult]) -> set[str]:
-    return {r.check for r in records if r.status in ("fail", "error")}
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("bug", sorted(SEEDED))
 def test_seeded_bug_is_reported_under_the_right_check(bug: str, dtype: str) -> None:
     arch, must_fail, must_pass = SEEDED[bug]
-    records = run(arch, f"tests.test_mixer_family:{bug}", dtype)
-    failing = red(records)
-    assert must_fail <= failing, f"{bug}: expected {must_fail} red, got {failing}"
-    assert not (must_pass & failing), f"{bug}: {must_pass & failing} went red too (not specific)"
+    records = records_of(arch, f"tests.test_mixer_family:{bug}", dtype)
+    assert_caught(bug, records, must_fail, must_pass)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["phimoe", "jetmoe"])
 def test_the_real_blocks_pass_the_same_selection(arch: str, dtype: str) -> None:
     """Control: red above means the bug, not the entry."""
-    records = run(arch, "hf-eager", dtype)
+    records = records_of(arch, "hf-eager", dtype)
     assert red(records) == set() and not [r for r in records if r.status == "xfail"]
