@@ -29,7 +29,16 @@ from moeconf.backends import Backend, resolve_backend, with_world_size
 from moeconf.devices import DEVICES, DTYPES, SettingError, check_settings, use_threads_for_tiny_shapes
 from moeconf.harness.cases import CASE_NAMES, CASE_SEED_STRIDE
 from moeconf.harness.checks import CHECKS
-from moeconf.harness.engine import DEFAULT_TIMEOUT_S, CheckResult, Selection, run_arch
+from moeconf.harness.engine import (
+    DEFAULT_CONFIGS,
+    DEFAULT_TIMEOUT_S,
+    CheckResult,
+    Selection,
+    UnknownConfig,
+    check_selectors,
+    config_variants,
+    run_variant,
+)
 from moeconf.harness.partition_checks import PARTITION_CHECKS, STEPS_CASE
 from moeconf.harness.report import (
     EXIT_FAILED,
@@ -78,6 +87,14 @@ def _seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"seed {text} out of range: 0 <= seed <= {MAX_SEED}")
     return value
+
+
+def _config_selector(text: str) -> str:
+    try:
+        check_selectors([text])
+    except UnknownConfig as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("unknown --config ")) from None
+    return text
 
 
 MIN_WORLD, MAX_WORLD = 2, 16
@@ -153,6 +170,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=[*CHECKS, *PARTITION_CHECKS, "config"],
         help="checks (default: all parity/partition checks that apply); 'config' runs the configuration "
         "audit (ZeRO-3 leaf registration, loss = CE + coef·aux) on a tiny full model",
+    )
+    chk.add_argument(
+        "--config",
+        nargs="+",
+        type=_config_selector,
+        metavar="KIND|NAME",
+        help="config samples: kinds tiny, default (the config class's defaults), published (released "
+        "checkpoints), hypothesis (seeded variants), or sample names (published:qwen3-30b-a3b, hypothesis:2) "
+        f"(default: {' '.join(DEFAULT_CONFIGS)})",
     )
     chk.add_argument("--seed", type=_seed, default=0, help=f"0..{MAX_SEED} (default 0)")
     chk.add_argument(
@@ -467,6 +493,7 @@ def _selection(args: argparse.Namespace, program: str) -> tuple[Selection, dict[
         seed=args.seed,
         timeout_s=args.timeout,
         world_size=world_size,
+        configs=_unique(args.config) or DEFAULT_CONFIGS,
         program=program,
     )
     return selection, backends, "config" in checks
@@ -480,11 +507,12 @@ def _groups(
     ``--check config``, one audit group per architecture."""
     if sel.checks:
         for arch in sel.archs:
-            entry = get_entry(arch)
-            for dtype in sel.dtypes:
-                for name, backend in backends.items():
-                    progress.start(arch, name, dtype, sel.device)
-                    yield from run_arch(sel, entry, {name: backend}, dtype)
+            for sample, entry in config_variants(sel, get_entry(arch)):
+                label = arch if sample.kind == "tiny" else f"{arch} @ {sample.name}"
+                for dtype in sel.dtypes:
+                    for name, backend in backends.items():
+                        progress.start(label, name, dtype, sel.device)
+                        yield from run_variant(sel, entry, {name: backend}, dtype)
     if audit:
         from moeconf.tools.audit import audit_entry, to_check_results
 

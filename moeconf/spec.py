@@ -284,6 +284,15 @@ class MoESpec:
         g = self.router.group_limit
         if g is not None and (self.num_experts % g.n_group or not 0 < g.topk_group <= g.n_group):
             raise ValueError(f"group_limit {g} does not divide {self.num_experts} experts")
+        if g is not None and self.top_k > g.topk_group * (self.num_experts // g.n_group):
+            # the k picks must come from the kept groups: beyond them, a block picks masked experts
+            raise ValueError(
+                f"top_k={self.top_k} exceeds the {g.topk_group * (self.num_experts // g.n_group)} experts of the "
+                f"{g.topk_group} kept group(s) of {self.num_experts // g.n_group}"
+            )
+        if g is not None and g.score == "top2sum" and self.num_experts // g.n_group < 2:
+            # a group's score is the sum of its two best experts: a group of one has no second
+            raise ValueError(f"group_limit {g}: top2sum needs at least 2 experts per group, not 1")
         r = self.router
         if r.weight_from == "sparsemixer" and (r.select_on != "logits" or r.selection_bias or g is not None):
             # SparseMixer picks by repeated argmax of the raw logits: a bias or a group limit has no place in it.

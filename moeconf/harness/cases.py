@@ -29,6 +29,20 @@ softmax probability by < 0.5 % of the spread, an order of magnitude below this m
 """
 
 
+MARGIN_EXPERTS = 16
+"""Up to this many routable classes the margin is ``MIN_MARGIN``; beyond, it shrinks as ``16 / (E + Z)``."""
+
+
+def min_margin(spec: MoESpec) -> float:
+    """The routing margin a token needs under ``spec``.
+
+    NOTE: the gap between a token's k-th and (k+1)-th of E scores shrinks like 1/E: with 256 experts
+    (DeepSeek-V3's published config) not one token in millions clears 0.05 of the spread. Scaled down
+    beyond 16 experts, 256 experts still ask 0.003 of the spread, several times the bf16 error above.
+    """
+    return MIN_MARGIN * min(1.0, MARGIN_EXPERTS / spec.router_width)
+
+
 @dataclass(frozen=True)
 class Case:
     """A named batch shape plus a routing constraint."""
@@ -75,11 +89,13 @@ class Inputs:
     token_types: torch.Tensor | None = None
 
 
-def draw_params(spec: MoESpec, seed: int) -> Params:
+def draw_params(spec: MoESpec, seed: int, selection_bias: tuple[float, float] | None = None) -> Params:
     """Seeded float64 canonical parameters with healthy scales.
 
     Router logits get a standard deviation of about 2 (clear winners, no saturation); expert weights
-    are fan-in scaled so activations stay O(1); selection biases are large enough to change choices.
+    are fan-in scaled so activations stay O(1); selection biases are large enough to change choices,
+    or ``offset + scale · N(0, 1)`` when ``selection_bias = (offset, scale)`` (a trained state that
+    dominates the scores: a config sample's, ``moeconf.strategies``).
     """
     gen = torch.Generator().manual_seed(seed)
     params: Params = {}
@@ -96,6 +112,10 @@ def draw_params(spec: MoESpec, seed: int) -> Params:
         base = unqualified(name)  # a token set's router/experts draw like set 0's
         if base == "router.weight":
             scale = 2.0 / math.sqrt(fan_in)
+        elif base == "router.selection_bias" and selection_bias is not None:
+            offset, spread = selection_bias
+            params[name] = offset + spread * torch.randn(shape, generator=gen, dtype=torch.float64)
+            continue
         elif base == "router.selection_bias":
             # Large enough to change some choices on the scale of what it is added to.
             scale = 0.5 if spec.router.select_on == "logits" else 0.05 if spec.router.scoring == "softmax" else 0.1
@@ -188,7 +208,7 @@ def select_tokens(
     margin = routing.margin
     if spec.losses.aux != "none":
         margin = torch.minimum(margin, aux_selection_margin(routing.logits, spec.top_k))
-    ok = (margin >= MIN_MARGIN) & keep(routing.index)
+    ok = (margin >= min_margin(spec)) & keep(routing.index)
     ok &= _clamp_distance(spec, params, candidates, routing.index) >= CLAMP_MARGIN
     chosen = ok.nonzero().flatten()[:count]
     if chosen.numel() < count:
@@ -240,9 +260,17 @@ def _select_typed(
     return tokens
 
 
-def make_inputs(spec: MoESpec, case: Case, dtype: torch.dtype, seed: int, pool: int = 4096) -> Inputs:
-    """Draw the case's inputs for ``spec`` in ``dtype``; deterministic in ``seed``."""
-    params = round_through(draw_params(spec, seed), dtype)
+def make_inputs(
+    spec: MoESpec,
+    case: Case,
+    dtype: torch.dtype,
+    seed: int,
+    pool: int = 4096,
+    selection_bias: tuple[float, float] | None = None,
+) -> Inputs:
+    """Draw the case's inputs for ``spec`` in ``dtype``; deterministic in ``seed`` (``selection_bias``:
+    ``draw_params``')."""
+    params = round_through(draw_params(spec, seed, selection_bias), dtype)
     gen = torch.Generator().manual_seed(seed * CASE_SEED_STRIDE + sum(map(ord, case.name)))
     candidates = token_pool(spec.hidden, pool, dtype, gen)
     token_types = case_token_types(spec, case)

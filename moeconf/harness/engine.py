@@ -34,13 +34,26 @@ from moeconf.devices import DTYPES
 from moeconf.harness.cases import CASES, Case, CaseError, make_inputs
 from moeconf.harness.checks import CHECKS, CheckInput, Outcome, applicable_checks
 from moeconf.harness.partition_checks import PARTITION_CHECKS, STEPS_CASE, steps_outcomes
+from moeconf.harness.rejection import REJECTION_CHECK, rejection_outcome
+from moeconf.harness.samples import UnknownConfig as UnknownConfig  # re-exported: the CLI's one import
+from moeconf.harness.samples import check_selectors as check_selectors
+from moeconf.harness.samples import samples
 from moeconf.harness.status import Status, declared_verdict
 from moeconf.harness.steps import StepsReference, make_steps
 from moeconf.harness.validate import MalformedObservation, describe, validate_observation, validate_steps
 from moeconf.harness.watchdog import CallTimeout, call_with_deadline
+from moeconf.hf.configs import DEFAULT_HYPOTHESIS_EXAMPLES, InvalidConfig, at_config, probe_at
 from moeconf.reference import reference_forward, reference_gradients, reference_loss_gradients
 from moeconf.registry import ArchEntry, get_entry
+from moeconf.registry.config_space import TINY, ConfigSample
 from moeconf.registry.versions import absent_reason
+
+DEFAULT_CONFIGS: tuple[str, ...] = ("tiny", "published")
+"""``moeconf check``'s config samples without ``--config``: the registered tiny config and every released
+checkpoint's values (the fast subset; the test sessions add ``default`` and ``hypothesis``)."""
+
+DRAWN_KINDS = frozenset({"default", "hypothesis"})
+"""Config samples nobody chose for a bug to show: a declared xfail that passes there is not stale."""
 
 DEFAULT_TIMEOUT_S = 300.0
 """Per-case deadline of a backend call (``--timeout``): generous for a tiny block on a loaded 2-core
@@ -64,6 +77,8 @@ class CheckResult:
     rtol: float | None
     message: str
     repro: str
+    config: str = "tiny"
+    """The config sample (``--config``) the record was judged at."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -84,16 +99,25 @@ class Selection:
     """Deadline of one backend call (a multi-rank session gets it once per case); 0 or inf: none."""
     world_size: int | None = None
     """Ranks of every multi-rank backend (``--world-size``); None: each backend's own (2)."""
+    configs: tuple[str, ...] = ("tiny",)
+    """Config samples (``--config``): kinds (``tiny``, ``default``, ``published``, ``hypothesis``) or sample
+    names (``published:qwen3-30b-a3b``, ``hypothesis:2``); see ``moeconf.hf.configs``."""
+    hypothesis_examples: int = DEFAULT_HYPOTHESIS_EXAMPLES
+    """Variants per entry of the ``hypothesis`` kind."""
     program: str = field(default="moeconf", compare=False)
 
 
-def repro_command(sel: Selection, arch: str, backend: str, dtype: str, case: str, check: str) -> str:
+def repro_command(
+    sel: Selection, arch: str, backend: str, dtype: str, case: str, check: str, config: str = "tiny"
+) -> str:
     """A command line that reruns exactly one record."""
     args = [
         *shlex.split(sel.program),
         "check",
         "--arch",
         arch,
+        "--config",
+        config,
         "--backend",
         backend,
         "--dtype",
@@ -136,7 +160,12 @@ def _records(
         else:
             outcome = outcome_of(check)
             declared = expectation.status if expectation else None
-            status, prefix = declared_verdict(outcome.passed, declared, expectation.reason if expectation else "")
+            status, prefix = declared_verdict(
+                outcome.passed,
+                declared,
+                expectation.reason if expectation else "",
+                strict=entry.sample.kind not in DRAWN_KINDS,
+            )
             if prefix:
                 outcome = dataclasses.replace(outcome, message=f"{prefix} {outcome.message}".strip())
         tol = outcome.tol
@@ -154,7 +183,8 @@ def _records(
                 atol=tol.atol if tol else None,
                 rtol=tol.rtol if tol else None,
                 message=outcome.message,
-                repro=repro_command(sel, entry.model_type, backend_name, dtype, case.name, check),
+                repro=repro_command(sel, entry.model_type, backend_name, dtype, case.name, check, entry.sample.name),
+                config=entry.sample.name,
             )
         )
     return records
@@ -457,11 +487,21 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
     references = {}
     for case in cases:
         try:
-            inputs = make_inputs(entry.spec, case, torch_dtype, sel.seed)
+            inputs = make_inputs(entry.spec, case, torch_dtype, sel.seed, selection_bias=entry.sample.bias)
         except CaseError as exc:
+            # At a config sample a case can be out of reach (k = E: no token avoids the last expert; a
+            # dominating selection bias: none reaches expert 0): that says nothing of the block.
+            passed = None if entry.sample.kind != "tiny" else False
+            reach = " (out of reach at this config)" if passed is None else ""
             for name in backends:
                 yield _records(
-                    sel, entry, name, dtype, case, checks, lambda _c, e=exc: Outcome(False, message=f"inputs: {e}")
+                    sel,
+                    entry,
+                    name,
+                    dtype,
+                    case,
+                    checks,
+                    lambda _c, e=exc, p=passed, r=reach: Outcome(p, message=f"inputs: {e}{r}"),
                 )
             continue
         types = inputs.token_types
@@ -512,9 +552,100 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
 
 
 def run_selection(sel: Selection) -> Iterator[list[CheckResult]]:
-    """Every record of the selection, a (arch, backend, dtype, case) group at a time (for progress)."""
+    """Every record of the selection, a (arch, config, backend, dtype, case) group at a time (for progress)."""
     backends = {name: with_world_size(resolve_backend(name), sel.world_size) for name in sel.backends}
     for arch in sel.archs:
-        entry = get_entry(arch)
-        for dtype in sel.dtypes:
-            yield from run_arch(sel, entry, backends, dtype)
+        for sample, entry in config_variants(sel, get_entry(arch)):
+            for dtype in sel.dtypes:
+                yield from run_variant(sel, entry, backends, dtype)
+
+
+def config_variants(sel: Selection, registered: ArchEntry) -> list[tuple[ConfigSample, ArchEntry | SampleError]]:
+    """The registered entry at each config sample ``sel.configs`` chooses (``moeconf.hf.configs``), or
+    why that sample cannot be built."""
+    return [(sample, _at(registered, sample)) for sample in _samples(registered, sel)]
+
+
+def run_variant(
+    sel: Selection, entry: ArchEntry | SampleError, backends: dict[str, Backend], dtype: str
+) -> Iterator[list[CheckResult]]:
+    """``run_arch`` of an entry at one config sample, or the error records of a sample that cannot be built."""
+    if isinstance(entry, SampleError):
+        yield _sample_error(sel, entry, backends, dtype)
+    else:
+        yield from run_arch(sel, entry, backends, dtype)
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """A config sample of ``entry`` that could not be built, and why."""
+
+    entry: ArchEntry
+    sample: ConfigSample
+    exc: BaseException
+    judge_rejection: bool = False
+    """The sample describes no valid layer on purpose (or is the class's defaults): ``config_rejects_invalid``
+    judges whether transformers refuses it; otherwise the failure to build it is moeconf's (error)."""
+
+
+def _samples(entry: ArchEntry, sel: Selection) -> list[ConfigSample]:
+    """The entry's config samples ``sel.configs`` chooses; only ``tiny`` for a type the installed
+    transformers lacks (its skip records, once: the other samples are built from its config class)."""
+    if absent_reason(entry.model_type) is not None:
+        return [TINY]
+    return samples(entry, sel.configs, sel.hypothesis_examples)
+
+
+def _at(entry: ArchEntry, sample: ConfigSample) -> ArchEntry | SampleError:
+    """The entry at ``sample``, or why it cannot be built (``tiny`` is the registered entry itself).
+
+    A sample with no valid spec is judged by ``config_rejects_invalid`` when it is meant to be invalid
+    (``invalid``) or is the config class's own defaults (``default``: a class whose defaults describe
+    no layer must refuse them); for a drawn ``hypothesis`` sample it is moeconf's misreading (error).
+    """
+    if sample.kind == "tiny":
+        return at_config(entry, sample)
+    if sample.kind == "invalid":
+        try:
+            variant = at_config(entry, sample)
+        except InvalidConfig as exc:
+            return SampleError(entry, sample, exc, judge_rejection=True)
+        except Exception as exc:  # noqa: BLE001 - the config class refused it: the rejection check passes
+            return SampleError(entry, sample, exc, judge_rejection=True)
+        return SampleError(
+            variant, sample, InvalidConfig(f"moeconf derives a valid spec from {sample.describe()}"), False
+        )
+    try:
+        return at_config(entry, sample)
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except InvalidConfig as exc:
+        return SampleError(entry, sample, exc, judge_rejection=sample.kind == "default")
+    except Exception as exc:  # noqa: BLE001 - the config class rejected the sample, or the spec did
+        return SampleError(entry, sample, exc)
+
+
+def _sample_error(sel: Selection, failed: SampleError, backends: dict[str, Backend], dtype: str) -> list[CheckResult]:
+    """One ``error`` record per backend for a config sample that cannot be built.
+
+    Samples are drawn valid, so a config class that rejects one, or a derived spec that is invalid, is
+    moeconf's misreading of the config (the fields named), not a verdict on the block.
+    """
+    sample, exc = failed.sample, failed.exc
+    case = Case("config", 1, 1, "none", "building the config sample")
+    if failed.judge_rejection:
+        probe, config_error = probe_at(failed.entry, sample)
+        outcome = rejection_outcome(probe, config_error, _one_line(exc), _one_line)
+        return [
+            record
+            for name in backends
+            for record in _records(sel, probe, name, dtype, case, [REJECTION_CHECK], lambda _c: outcome)
+        ]
+    what = "the derived spec is invalid" if isinstance(exc, InvalidConfig) else "the config class rejected it"
+    message = f"config {sample.name} ({sample.describe()}): {what}: {_one_line(exc)}"
+    variant = dataclasses.replace(failed.entry, sample=sample)
+    return [
+        record
+        for name in backends
+        for record in _fixed_records(sel, variant, name, dtype, case, ["output"], "error", message)
+    ]

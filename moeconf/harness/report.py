@@ -92,6 +92,12 @@ def to_json(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
     return json.dumps(doc, indent=1)
 
 
+def arch_label(r: CheckResult) -> str:
+    """The record's architecture, with its config sample when not the registered tiny one
+    (``qwen3_moe@published:qwen3-30b-a3b``)."""
+    return r.arch if r.config == "tiny" else f"{r.arch}@{r.config}"
+
+
 def _err(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
@@ -104,7 +110,7 @@ def progress_line(group: Sequence[CheckResult]) -> str:
     failed = [r.check for r in group if r.status in FAILING]
     tail = f"  <- {', '.join(failed)}" if failed else ""
     backend = display_name(first.backend)
-    return f"{first.arch:<14} {backend:<15} {first.dtype:<5} {first.device:<4} {first.case:<13} {verdict}{tail}"
+    return f"{arch_label(first):<14} {backend:<15} {first.dtype:<5} {first.device:<4} {first.case:<13} {verdict}{tail}"
 
 
 def start_line(arch: str, backend: str, dtype: str, device: str) -> str:
@@ -152,7 +158,7 @@ def _table(records: Sequence[CheckResult], names: dict[str, str]) -> list[str]:
     per renamed backend says which import path its name stands for."""
     table: dict[tuple[str, str, str, str], dict[str, CheckResult]] = {}
     for r in records:
-        row = table.setdefault((r.arch, _shown(r, names), r.dtype, r.device), {})
+        row = table.setdefault((arch_label(r), _shown(r, names), r.dtype, r.device), {})
         if r.check not in row or SEVERITY[r.status] < SEVERITY[row[r.check].status]:
             row[r.check] = r
     checks = list(dict.fromkeys(r.check for r in records))
@@ -208,7 +214,7 @@ CaseKey = tuple[str, str, str, str, str]
 
 
 def _case_key(r: CheckResult) -> CaseKey:
-    return (r.arch, r.backend, r.dtype, r.device, r.case)
+    return (arch_label(r), r.backend, r.dtype, r.device, r.case)
 
 
 def _repro_for_checks(repro: str, checks: Sequence[str] | None) -> str:
@@ -282,7 +288,7 @@ SCOPE_GROUPS = 6
 def _scope(records: Sequence[CheckResult], names: dict[str, str]) -> str:
     """Where a cause struck, for its heading: ``4 cases: mixtral random, single_token; qwen2_moe
     random; my-kernel fp32 cpu; 9 checks`` (what every case shares is said once, at the end)."""
-    keys = list(dict.fromkeys((r.arch, _shown(r, names), r.dtype, r.device, r.case) for r in records))
+    keys = list(dict.fromkeys((arch_label(r), _shown(r, names), r.dtype, r.device, r.case) for r in records))
     shared = [i for i in (1, 2, 3) if len({k[i] for k in keys}) == 1]
     groups: dict[str, list[str]] = {}
     for key in keys:
@@ -300,7 +306,7 @@ def _cause_lines(cause: _Cause, case_checks: dict[CaseKey, set[str]], names: dic
     first = cause.records[0]
     if len(cause.records) == 1:
         head = (
-            f"- {cause.status.upper()} {first.arch} {_shown(first, names)} {first.dtype} {first.device} "
+            f"- {cause.status.upper()} {arch_label(first)} {_shown(first, names)} {first.dtype} {first.device} "
             f"case={first.case} check={first.check}: {cause.headline}"
         )
         if first.max_abs_err is not None:
@@ -352,7 +358,7 @@ def to_text(records: Sequence[CheckResult], wall_s: float | None = None) -> str:
     if xfails:
         lines += ["", "expected failures (declared in the registry):"]
         lines += sorted(
-            {f"- {r.arch} {_shown(r, names)} {r.dtype} {r.check}: {r.message.split('. ')[0]}" for r in xfails}
+            {f"- {arch_label(r)} {_shown(r, names)} {r.dtype} {r.check}: {r.message.split('. ')[0]}" for r in xfails}
         )
     s = summary(records, wall_s)
     lines += ["", " ".join(f"{s[k]} {k}" for k in STATUSES) + (f" in {s['wall_s']} s" if wall_s is not None else "")]
@@ -394,7 +400,10 @@ def to_junit(records: Sequence[CheckResult], wall_s: float | None = None) -> str
     of = {id(r): c for c in causes for r in c.records}
     for r in records:
         case = ET.SubElement(
-            suite, "testcase", classname=f"{r.arch}.{r.backend}.{r.dtype}.{r.device}", name=f"{r.case}::{r.check}"
+            suite,
+            "testcase",
+            classname=f"{arch_label(r)}.{r.backend}.{r.dtype}.{r.device}",
+            name=f"{r.case}::{r.check}",
         )
         detail = f"{r.message}\nmax_abs_err={_err(r.max_abs_err)} atol={r.atol} rtol={r.rtol}\nrepro: {r.repro}"
         cause = of.get(id(r))

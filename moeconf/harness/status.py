@@ -29,17 +29,23 @@ SEVERITY: dict[str, int] = {s: i for i, s in enumerate(("error", "fail", "setup"
 """Worst first: how a table cell summarises several records."""
 
 
-def declared_verdict(passed: bool | None, declared: str | None, reason: str = "") -> tuple[Status, str]:
+def declared_verdict(
+    passed: bool | None, declared: str | None, reason: str = "", strict: bool = True
+) -> tuple[Status, str]:
     """Status of a check outcome under a registry declaration, and the message prefix.
 
     ``declared`` is None (nothing declared), ``"xfail"`` or ``"skip"``. An xfail is strict: a check
-    that passes although declared to fail is a ``fail`` (the declaration is stale).
+    that passes although declared to fail is a ``fail`` (the declaration is stale) — except at a
+    drawn config sample (``strict=False``: ``default``, ``hypothesis``), where the bug may be out of
+    reach (renormalising k = E softmax weights changes nothing): there it is a ``pass`` that says so.
     """
     if declared == "skip":
         return "skip", f"declared skip: {reason}"
     if passed is None:
         return "skip", ""
     if declared == "xfail":
+        if passed and not strict:
+            return "pass", f"(declared xfail not reached at this config: {reason})"
         if passed:
             return "fail", f"passed, but is declared xfail: {reason}."
         return "xfail", f"failed as declared: {reason}."

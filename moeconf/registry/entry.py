@@ -11,8 +11,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moeconf.registry.config_space import TINY, ConfigSample, FieldRule, Published
 from moeconf.registry.versions import in_releases, release_range
 from moeconf.spec import MoESpec
+
+CHECK_NAMES: frozenset[str] = frozenset(
+    {
+        # the parity checks (moeconf.harness.checks.CHECKS)
+        "routing",
+        "routing_weights",
+        "output",
+        "aux_loss",
+        "z_loss",
+        "grad_input",
+        "grad_router",
+        "grad_experts",
+        "grad_shared_experts",
+        "grad_aux_loss",
+        "grad_z_loss",
+        # the partition checks (moeconf.harness.partition_checks.PARTITION_CHECKS)
+        "no_hang",
+        "partition_output",
+        "partition_losses",
+        "partition_grads",
+        "partition_zero_grads",
+        "partition_params",
+        # the configuration audit (moeconf.tools.audit)
+        "config_leaf",
+        "config_aux_loss",
+        "config_rejects_invalid",
+    }
+)
+"""Every check a declaration may name. The registry sits below the harness, so the names are listed here
+and tests/test_config_space.py holds them equal to the harness's own tables."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +82,17 @@ class Expectation:
     device: str | None = None
     releases: str | None = None
     case: str | None = None
+    config: str | None = None
+    """The config sample (``--config`` name, e.g. ``"invalid:kept"``) it is limited to; None: every sample."""
+    when: tuple[tuple[str, Any], ...] = ()
+    """Block-config values under which it holds (``(("norm_topk_prob", True),)``): a bug that only a config
+    with those values reaches. ``moeconf.hf.configs.at_config`` keeps it for the samples that have them."""
 
     def __post_init__(self) -> None:
         if self.releases is not None:
             release_range(self.releases)  # raises on a malformed or empty range, at import time
+        if self.check is not None and self.check not in CHECK_NAMES:
+            raise ValueError(f"Expectation names an unknown check {self.check!r}; checks: {', '.join(sorted(CHECK_NAMES))}")
 
     def matches(self, check: str, backend: str, dtype: str, device: str, case: str | None = None) -> bool:
         """Whether it applies; a case-limited declaration applies only where the case is known."""
@@ -145,6 +183,15 @@ class ArchEntry:
     (Gemma 4: router and experts are children of the decoder layer, ``block_class``). ``Class(module)`` wraps
     the module built as ``block_init`` says (or found at ``block_path``) and shares its submodules, so the
     bindings, ``router_path`` and ``experts_path`` are relative to the adapter. None: the module is the block."""
+    config_fields: tuple[FieldRule, ...] = ()
+    """The block config's fields that set the spec beyond ``config_space.COMMON_FIELDS`` (other names, dotted
+    sub-config fields), or common names it does not read that way (``FieldRule(name, None, why)``);
+    ``spec`` is then the form the config fills in (``config_space.derive_spec``)."""
+    published: tuple[Published, ...] = ()
+    """Released checkpoints' routing values, each a ``published:<name>`` config sample."""
+    sample: ConfigSample = TINY
+    """The config sample this entry is at: ``tiny`` as registered; ``moeconf.hf.configs.at_config`` makes
+    the others (records and repro lines name it)."""
 
     @property
     def zero3_leaves(self) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from moeconf.registry.core import (
     softmax_topk,
 )
 from moeconf.registry.deepseek_family import BIASED_GATE, ROPE, TOKENS, sigmoid_router
+from moeconf.registry.config_space import FieldRule
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.registry.softmax_family import GATE, QWEN3_OMNI_THINKER
 from moeconf.spec import ExpertSpec, LossSpec, MoESpec, RouterSpec, SharedSpec
@@ -369,6 +370,15 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_class="NemotronHForCausalLM",
         # DeepSeek-V3 router; non-gated relu² routed experts and an (always present) non-gated relu² shared MLP.
         spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), experts=RELU2, shared=SharedSpec(S, mlp=RELU2)),
+        config_fields=(
+            FieldRule("moe_shared_expert_intermediate_size", "shared_intermediate"),
+            FieldRule(
+                "n_shared_experts",
+                None,
+                why="NemotronHMoE sizes its one shared MLP by moe_shared_expert_intermediate_size alone "
+                "(modeling_nemotron_h.py: NemotronHMLP(config, intermediate_size=...))",
+            ),
+        ),
         params=BIASED_GATE
         + (
             Binding("experts.up_proj", ("experts.w_up",)),

@@ -21,6 +21,7 @@ from moeconf.registry.core import (
     router_probs_recorded,
     softmax_topk,
 )
+from moeconf.registry.config_space import FieldRule
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.spec import LossSpec, MoESpec, SharedSpec
 
@@ -644,6 +645,10 @@ ENTRIES: tuple[ArchEntry, ...] = (
         block_path="model.layers.0.mlp",
         model_class="Cohere2MoeForCausalLM",
         spec=MoESpec(E, K, H, I, router=TOPK_THEN_SOFTMAX, shared=SharedSpec(2 * I, combine="average")),
+        config_fields=(
+            FieldRule("expert_selection_fn", "selected_logits_fn"),
+            FieldRule("num_shared_experts", "shared_multiple"),
+        ),
         params=GATE + FUSED_EXPERTS + shared_mlp("shared_experts"),
         router_path="gate",
         experts_path="experts",

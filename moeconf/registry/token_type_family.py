@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from moeconf.registry.core import ATTENTION, SWITCH_AUX, E, H, I, K, shared_mlp
+from moeconf.registry.config_space import FieldRule
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.spec import LossSpec, MoESpec, RouterSpec, SharedSpec, TokenTypeSets
 
@@ -109,6 +110,12 @@ ERNIE4_5_VL_MOE = ArchEntry(
     model_class="Ernie4_5_VLMoeForConditionalGeneration",
     block_config_attr="text_config",
     spec=ERNIE_VL_SPEC,
+    # one expert width per token set (moe_intermediate_size[s]); shared MLP moe_intermediate_size[0] × count
+    config_fields=(
+        FieldRule("moe_intermediate_size", "set_intermediates"),
+        FieldRule("intermediate_size", None, why="the dense MLP's width (the experts' is moe_intermediate_size)"),
+        FieldRule("moe_num_shared_experts", "shared_multiple"),
+    ),
     params=_ernie_router("text_moe", 0)
     + _ernie_experts("text_moe", 0)
     + _ernie_router("vision_moe", 1)
