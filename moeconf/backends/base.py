@@ -70,6 +70,9 @@ class Observation:
         missing_grads: per-expert slices whose ``.grad`` was None, e.g. ``"experts.w_up[3]"`` (an
             unrouted expert of a per-expert ModuleList: the ZeRO-2/FSDP hang, DeepSpeed #5066); their
             slice in ``grads`` holds zeros.
+        loss_errors: ``"aux_loss"`` / ``"z_loss"`` → what the framework's own computation of that
+            loss raised (``Type: message at file:line``); the loss is then None and its checks fail
+            with this message, while the other checks judge the rest of the observation.
     """
 
     output: torch.Tensor
@@ -83,6 +86,7 @@ class Observation:
     z_loss_grads: dict[str, torch.Tensor | None] | None = None
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     missing_grads: tuple[str, ...] = ()
+    loss_errors: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -13,13 +13,15 @@ entry's block path is the one checked.
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from moeconf.backends.base import Observation, RunRequest
+from moeconf.backends.base import EnvironmentFault, Observation, RunRequest
 from moeconf.backends.dense import apply_dense_patch, dense_reason
 from moeconf.devices import device_available
 from moeconf.hf.block import (
@@ -92,7 +94,7 @@ class HFBlockBackend:
         hidden = request.hidden.to(device=request.device, dtype=request.dtype).requires_grad_(True)
         with recording(entry, block, request.token_types) as rec:
             out = _first(block(hidden, **token_type_kwargs(entry, request))).reshape(hidden.shape)
-        aux, z = self.losses(entry, rec, request.attention_mask)
+        aux, z, loss_errors = guarded_losses(entry, lambda: self.losses(entry, rec, request.attention_mask))
         # Before the output's backward: the losses' gradients are taken on their own graph.
         loss_grads = loss_gradients(entry, block, hidden, {"aux_loss": aux, "z_loss": z})
         out.backward(request.grad_output.to(device=request.device, dtype=request.dtype))
@@ -100,7 +102,15 @@ class HFBlockBackend:
         grads, missing = canonical_grads(entry, block)
         grads["input"] = hidden.grad
         return observation_of(
-            entry, rec, out, request.attention_mask, grads, missing, losses=(aux, z), loss_grads=loss_grads
+            entry,
+            rec,
+            out,
+            request.attention_mask,
+            grads,
+            missing,
+            losses=(aux, z),
+            loss_grads=loss_grads,
+            loss_errors=loss_errors,
         )
 
     def losses(
@@ -127,6 +137,38 @@ def recorded_router_logits(entry: ArchEntry, rec: Recording) -> list[torch.Tenso
     return [] if logits is None else [logits]
 
 
+def guarded_losses(
+    entry: ArchEntry, compute: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, str]]:
+    """``(aux_loss, z_loss, loss_errors)``: ``compute()``'s losses, or, where it raised, None for both
+    and the exception (``Type: message at file:line``) under the name of every loss the architecture
+    has.
+
+    NOTE: the model's own loss computation raising is a fault of *those losses* (transformers 5.0-5.1
+    recorded Qwen3-Next's block output as its router logits, and ``load_balancing_loss_func`` raised
+    on it): the aux/z checks judge it (``Observation.loss_errors``), while the output, gradient and
+    routing the block computed are judged as usual, not lost with the whole case as ``error``.
+    """
+    try:
+        aux, z = compute()
+    except EnvironmentFault:
+        raise  # the machine's fault, not the losses'
+    except Exception as exc:  # noqa: BLE001 - whatever the model's loss code raises is its verdict
+        why = raised_where(exc)
+        losses = entry.spec.losses
+        names = [name for name, has in (("aux_loss", losses.aux != "none"), ("z_loss", losses.z_loss)) if has]
+        return None, None, dict.fromkeys(names, why)
+    return aux, z, {}
+
+
+def raised_where(exc: BaseException) -> str:
+    """``Type: first line of the message at file:line`` of the innermost frame (the code that raised)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
+
+
 def observation_of(
     entry: ArchEntry,
     rec: Recording,
@@ -136,16 +178,20 @@ def observation_of(
     missing: tuple[str, ...],
     losses: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     loss_grads: Mapping[str, dict[str, torch.Tensor | None]] | None = None,
+    loss_errors: Mapping[str, str] | None = None,
 ) -> Observation:
     """What a HF block showed in one forward/backward: its output, the routing and router output
     its hooks recorded, the model's own aux/z losses from what the model's recorder collected
-    (``losses`` when the caller computed them already), their gradients where the caller took them
-    (``loss_gradients``, before the backward), and the parameter gradients.
-    Shared by the single-process backends and every rank of the multi-rank ones."""
+    (``losses`` and ``loss_errors`` when the caller computed them already, ``guarded_losses``), their
+    gradients where the caller took them (``loss_gradients``, before the backward), and the parameter
+    gradients. Shared by the single-process backends and every rank of the multi-rank ones."""
     index, weights = rec.routing(entry)
-    aux, z = (
-        losses if losses is not None else framework_losses(entry, recorded_router_logits(entry, rec), attention_mask)
-    )
+    if losses is not None:
+        aux, z = losses
+    else:
+        aux, z, loss_errors = guarded_losses(
+            entry, lambda: framework_losses(entry, recorded_router_logits(entry, rec), attention_mask)
+        )
     loss_grads = loss_grads or {}
     return Observation(
         output=output.detach(),
@@ -159,6 +205,7 @@ def observation_of(
         z_loss_grads=loss_grads.get("z_loss"),
         grads=grads,
         missing_grads=missing,
+        loss_errors=dict(loss_errors or {}),
     )
 
 

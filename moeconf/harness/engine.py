@@ -488,6 +488,12 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
     for case in cases:
         try:
             inputs = make_inputs(entry.spec, case, torch_dtype, sel.seed, selection_bias=entry.sample.bias)
+            types = inputs.token_types
+            reference = reference_forward(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask, types)
+            ref_grads = reference_gradients(entry.spec, inputs.params, inputs.hidden, inputs.grad_output, types)
+            loss_grads = reference_loss_gradients(
+                entry.spec, inputs.params, inputs.hidden, inputs.attention_mask, types
+            )
         except CaseError as exc:
             # At a config sample a case can be out of reach (k = E: no token avoids the last expert; a
             # dominating selection bias: none reaches expert 0): that says nothing of the block.
@@ -504,10 +510,11 @@ def run_arch(sel: Selection, entry: ArchEntry, backends: dict[str, Backend], dty
                     lambda _c, e=exc, p=passed, r=reach: Outcome(p, message=f"inputs: {e}{r}"),
                 )
             continue
-        types = inputs.token_types
-        reference = reference_forward(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask, types)
-        ref_grads = reference_gradients(entry.spec, inputs.params, inputs.hidden, inputs.grad_output, types)
-        loss_grads = reference_loss_gradients(entry.spec, inputs.params, inputs.hidden, inputs.attention_mask, types)
+        except Exception as exc:  # noqa: BLE001 - moeconf could not draw inputs for this spec: its own defect
+            message = f"inputs or reference: moeconf could not compute them for this spec: {_one_line(exc)}"
+            for name in backends:
+                yield _fixed_records(sel, entry, name, dtype, case, checks, "error", message)
+            continue
         request = RunRequest(
             entry,
             inputs.params,
@@ -563,7 +570,18 @@ def run_selection(sel: Selection) -> Iterator[list[CheckResult]]:
 def config_variants(sel: Selection, registered: ArchEntry) -> list[tuple[ConfigSample, ArchEntry | SampleError]]:
     """The registered entry at each config sample ``sel.configs`` chooses (``moeconf.hf.configs``), or
     why that sample cannot be built."""
-    return [(sample, _at(registered, sample)) for sample in _samples(registered, sel)]
+    try:
+        chosen = _samples(registered, sel)
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - reading the entry's config fields failed: moeconf's defect
+        kinds = [k for k in dict.fromkeys(s.split(":", 1)[0] for s in sel.configs) if k != "tiny"]
+        failed: list[tuple[ConfigSample, ArchEntry | SampleError]] = [
+            (sample, SampleError(registered, sample, exc))
+            for sample in (ConfigSample(k, k) for k in kinds)  # type: ignore[arg-type]
+        ]
+        return ([(TINY, at_config(registered, TINY))] if "tiny" in sel.configs else []) + failed
+    return [(sample, _at(registered, sample)) for sample in chosen]
 
 
 def run_variant(

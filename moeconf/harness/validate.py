@@ -140,6 +140,15 @@ def _missing_grads(value: object) -> None:
         raise MalformedObservation(f"missing_grads: expected a tuple of str, got {describe(value)}")
 
 
+def _loss_errors(value: object) -> None:
+    if not isinstance(value, Mapping) or not all(
+        name in ("aux_loss", "z_loss") and isinstance(why, str) and why for name, why in value.items()
+    ):
+        raise MalformedObservation(
+            f"loss_errors: expected a dict of 'aux_loss' / 'z_loss' -> what raised (str), got {describe(value)}"
+        )
+
+
 def validate_observation(obs: object, request: RunRequest) -> Observation:
     """``obs`` if it has the documented form for ``request``; else ``MalformedObservation``."""
     if not isinstance(obs, Observation):
@@ -157,6 +166,7 @@ def validate_observation(obs: object, request: RunRequest) -> Observation:
     expected = {**param_shapes(spec), "input": hidden_shape}
     _grads(obs.grads, expected, form)
     _missing_grads(obs.missing_grads)
+    _loss_errors(obs.loss_errors)
     # The losses' own gradients: w.r.t. the input and the router's parameters only.
     router = {k: v for k, v in expected.items() if k == "input" or k.startswith("router.")}
     for what in ("aux_loss_grads", "z_loss_grads"):

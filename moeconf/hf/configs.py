@@ -76,7 +76,7 @@ def _kwargs_for(entry: ArchEntry, sample: ConfigSample) -> dict[str, Any]:
     for field, value in sample.values:
         for alias in [k for k, v in aliases.items() if v == field and k in target]:
             del target[alias]  # the tiny kwargs may spell the field by an alias, which would win over a removal
-        if sample.kind == "default" and value is None:
+        if sample.kind == "default" and value is None:  # the class default
             _remove(target, field)
         else:
             _set(target, field, value)
@@ -163,9 +163,38 @@ def at_config(entry: ArchEntry, sample: ConfigSample = TINY) -> ArchEntry:
     return variant
 
 
+COUNT_TARGETS = frozenset(
+    {"num_experts", "top_k", "n_group", "topk_group", "shared_intermediate", "shared_multiple", "shared_slots"}
+)
+"""Targets that need a positive count: a class default of None or 0 there means "set me" or "feature off"
+(Gemma 4's ``num_experts=None`` with ``enable_moe=False``), which the registered block cannot be."""
+
+
 def default_sample(entry: ArchEntry) -> ConfigSample:
-    """Every routing field at the config class's default (sizes stay tiny)."""
-    return ConfigSample("default", "default", tuple((r.field, None) for r in varied_rules(entry)))
+    """Every routing field at the config class's default (sizes stay tiny); a count whose class default
+    is unset (None, 0, or absent) keeps its tiny value, and the sample's ``source`` names those fields."""
+    rules = varied_rules(entry)
+    removed = ConfigSample("default", "default", tuple((r.field, None) for r in rules))
+    probe = dataclasses.replace(entry, config_kwargs=_kwargs_for(entry, removed))
+    try:
+        config: Any = block_config(probe, build_config(probe))
+    except Exception:  # noqa: BLE001 - the class refuses its own defaults: keep every field, judged as built
+        return removed
+    tiny = tiny_values(entry)
+    values: list[tuple[str, Any]] = []
+    kept: list[str] = []
+    for rule in rules:
+        try:
+            value = read_field(config, rule.field)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            value = None
+        if rule.target in COUNT_TARGETS and not value:
+            values.append((rule.field, tiny[rule.field]))
+            kept.append(rule.field)
+        else:
+            values.append((rule.field, None))
+    source = f"class defaults; unset in the class, kept tiny: {', '.join(kept)}" if kept else "class defaults"
+    return ConfigSample("default", "default", tuple(values), source=source)
 
 
 def published_samples(entry: ArchEntry) -> tuple[ConfigSample, ...]:

@@ -32,38 +32,21 @@ def _index(*groups: tuple[ArchEntry, ...]) -> dict[str, ArchEntry]:
     return registry
 
 
-def _transformers_major() -> int:
-    from importlib.metadata import version
-
-    return int(version("transformers").split(".")[0])
-
-
-def _legacy_entries() -> tuple[ArchEntry, ...]:
-    """Under transformers 4.x only the entries with a declared 4.x variant are registered."""
-    from moeconf.registry.legacy import LEGACY_4X, apply_overrides
-
-    core = {e.model_type: e for e in CORE_ENTRIES}
-    return tuple(apply_overrides(core[model_type], overrides) for model_type, overrides in LEGACY_4X.items())
-
-
-TRANSFORMERS_MAJOR = _transformers_major()
-REGISTRY: dict[str, ArchEntry] = (
-    _index(
-        CORE_ENTRIES,
-        softmax_family.ENTRIES,
-        deepseek_family.ENTRIES,
-        gemma4_family.ENTRIES,
-        sigmoid_family.ENTRIES,
-        extra_family.ENTRIES,
-        mixer_family.ENTRIES,
-        capacity_family.ENTRIES,
-        latent_family.ENTRIES,
-        token_type_family.ENTRIES,
-        gated_shared_family.ENTRIES,
-    )
-    if TRANSFORMERS_MAJOR >= 5
-    else _index(_legacy_entries())
+REGISTRY: dict[str, ArchEntry] = _index(
+    CORE_ENTRIES,
+    softmax_family.ENTRIES,
+    deepseek_family.ENTRIES,
+    gemma4_family.ENTRIES,
+    sigmoid_family.ENTRIES,
+    extra_family.ENTRIES,
+    mixer_family.ENTRIES,
+    capacity_family.ENTRIES,
+    latent_family.ENTRIES,
+    token_type_family.ENTRIES,
+    gated_shared_family.ENTRIES,
 )
+"""Every entry, on every release: under 4.x the types without a 4.x variant (``legacy.LEGACY_4X``) are
+registered too and reported ``skip`` with the reason (``versions.absent_reason``), never missing."""
 
 
 class UnknownName(ValueError):

@@ -24,14 +24,15 @@ from moeconf.distributed.launcher import RUN_ID_ENV
 from moeconf.harness.engine import Selection
 from moeconf.harness.partition_checks import STEPS_CASE
 from moeconf.harness.steps import make_steps
-from moeconf.registry import REGISTRY, TRANSFORMERS_MAJOR
+from moeconf.registry import REGISTRY
+from moeconf.registry.versions import installed
 from moeconf.suites import matrix, suite_backends
 from moeconf.suites.run import require_device, run_and_judge
 
 MATRIX = matrix("partition", dtypes=("fp32",))
 REQUIRED = {"output", "grad_experts", "no_hang", "partition_grads", "partition_zero_grads", "partition_params"}
 """Checks every supported architecture must have judged (passed, or failed as declared upstream)."""
-LEGACY = TRANSFORMERS_MAJOR < 5
+LEGACY = installed().major < 5
 
 pytestmark = [pytest.mark.partition, getattr(pytest.mark, MATRIX.device)]
 
