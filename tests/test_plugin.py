@@ -61,7 +61,7 @@ def test_a_seeded_bug_is_red_with_moeconfs_message_and_repro(pytester: pytest.Py
         [
             "*fail random/output: output*got*expected*",
             (
-                "*repro: moeconf check --arch mixtral --backend tests.seeded:gate_up_swapped --dtype fp32 --device cpu "
+                "*repro: moeconf check --arch mixtral --config tiny --backend tests.seeded:gate_up_swapped --dtype fp32 --device cpu "
                 "--case random --check output --seed 0"
             ),
         ]

@@ -157,7 +157,6 @@ class ArchEntry:
     model_type: str
     config_class: str
     config_kwargs: dict[str, Any]
-    modeling_module: str
     block_class: str
     block_path: str
     model_class: str
@@ -165,6 +164,9 @@ class ArchEntry:
     params: tuple[Binding, ...]
     router_path: str
     experts_path: str
+    modeling_module: str = ""
+    """Derived from ``model_type`` when empty (``transformers.models.<type>.modeling_<type>``, ``-`` → ``_``);
+    set only for a block that lives in another model's module."""
     router_logits_index: int | None = 0
     routing_from: Literal[
         "experts_call", "router_dense_scores", "router_index_weights", "router_grouped", "router_dispatch", "none"
@@ -192,6 +194,11 @@ class ArchEntry:
     sample: ConfigSample = TINY
     """The config sample this entry is at: ``tiny`` as registered; ``moeconf.hf.configs.at_config`` makes
     the others (records and repro lines name it)."""
+
+    def __post_init__(self) -> None:
+        if not self.modeling_module:
+            folder = self.model_type.replace("-", "_")
+            object.__setattr__(self, "modeling_module", f"transformers.models.{folder}.modeling_{folder}")
 
     @property
     def zero3_leaves(self) -> tuple[str, ...]:

@@ -24,3 +24,26 @@ pytestmark = [pytest.mark.parity, getattr(pytest.mark, MATRIX.device)]
 def test_parity(arch: str, backend: str, dtype: str) -> None:
     require_device(MATRIX.device)
     run_and_judge(Selection(archs=(arch,), backends=(backend,), dtypes=(dtype,), device=MATRIX.device))
+
+
+CONFIG_KINDS_BEYOND_TINY = ("default", "published", "hypothesis", "invalid")
+"""Every config sample but the tiny one (which ``test_parity`` runs on every backend and dtype)."""
+
+
+@pytest.mark.parametrize("arch", MATRIX.archs)
+def test_config_samples(arch: str) -> None:
+    """The architecture at its class defaults, its released checkpoints' values, seeded hypothesis draws and
+    invalid configs (``moeconf check --config ...``), on the reference backend (hf-eager, fp32): a block that
+    ignores or hard-codes a config field is green at the tiny config and red here."""
+    if "hf-eager" not in MATRIX.backends or "fp32" not in MATRIX.dtypes:
+        pytest.skip("the config samples run on hf-eager, fp32 (not in MOECONF_BACKENDS / MOECONF_DTYPES)")
+    require_device(MATRIX.device)
+    run_and_judge(
+        Selection(
+            archs=(arch,),
+            backends=("hf-eager",),
+            dtypes=("fp32",),
+            device=MATRIX.device,
+            configs=CONFIG_KINDS_BEYOND_TINY,
+        )
+    )
