@@ -67,6 +67,7 @@ class Matrix:
     cases: tuple[str, ...] = ()
     checks: tuple[str, ...] = ()
     seed: int = 0
+    configs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class MoeconfCase:
     cases: tuple[str, ...] = ()
     checks: tuple[str, ...] = ()
     seed: int = 0
+    configs: tuple[str, ...] = ()
+    """Config samples (``moeconf check --config``); empty: the CLI's default (tiny and published)."""
     program: str = "moeconf"
     """Prefix of the repro lines: ``moeconf``, plus ``--registry`` for an architecture that only a
     ``package.module:attr`` registry knows (an entry point needs nothing: it is installed)."""
@@ -107,13 +110,21 @@ class MoeconfCase:
             program=self.program,
         )
         # Empty: every case and check that applies (the Selection's defaults, as `moeconf check`).
-        return dataclasses.replace(sel, cases=self.cases or sel.cases, checks=self.checks or sel.checks)
+        from moeconf.harness.engine import DEFAULT_CONFIGS
+
+        return dataclasses.replace(
+            sel,
+            cases=self.cases or sel.cases,
+            checks=self.checks or sel.checks,
+            configs=self.configs or DEFAULT_CONFIGS,
+        )
 
     def repro(self) -> str:
         """The ``moeconf check`` line that reruns this whole test (each failing record has its own)."""
         args = [*shlex.split(self.program), "check", "--arch", self.arch, "--backend", self.backend]
         args += ["--dtype", self.dtype, "--device", self.device, "--seed", str(self.seed)]
         args += [*(["--case", *self.cases] if self.cases else []), *(["--check", *self.checks] if self.checks else [])]
+        args += ["--config", *self.configs] if self.configs else []
         return shlex.join(args)
 
     def check(self) -> list[CheckResult]:
@@ -141,6 +152,7 @@ def parity_tests(
     cases: Sequence[str] | None = None,
     checks: Sequence[str] | None = None,
     seed: int = 0,
+    configs: Sequence[str] | None = None,
 ) -> Callable[[MoeconfCase], None]:
     """A test function to bind to a ``test_*`` name; the plugin parametrises it at collection.
 
@@ -152,6 +164,8 @@ def parity_tests(
             iterable of them); installed ``moeconf.architectures`` entry points are always loaded.
         dtypes: ``fp32``/``bf16`` (default fp32); device: cpu/cuda/npu (default ``$MOECONF_DEVICE``,
             else cpu); cases, checks, seed: as ``moeconf check`` (default: all cases and checks, seed 0).
+        configs: config samples, kinds or names (``"hypothesis"``, ``"published:qwen3-30b-a3b"``; default:
+            ``moeconf check``'s, tiny and published).
     """
     matrix = Matrix(
         backends=_tuple(backend),
@@ -162,6 +176,7 @@ def parity_tests(
         cases=_tuple(cases),
         checks=_tuple(checks),
         seed=seed,
+        configs=_tuple(configs),
     )
 
     def test(moeconf_case: MoeconfCase) -> None:
@@ -301,7 +316,16 @@ def cases_for(config: pytest.Config, matrix: Matrix) -> list[MoeconfCase]:
             for dtype in dict.fromkeys(dtypes):
                 out.append(
                     MoeconfCase(
-                        arch, backend, dtype, device, parallel, matrix.cases, matrix.checks, matrix.seed, program
+                        arch,
+                        backend,
+                        dtype,
+                        device,
+                        parallel,
+                        matrix.cases,
+                        matrix.checks,
+                        matrix.seed,
+                        matrix.configs,
+                        program,
                     )
                 )
     return out

@@ -164,7 +164,19 @@ def test_two_backends_with_one_name_keep_their_paths() -> None:
 
 
 def test_cli_report_of_a_kernel_raising_on_every_case(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["check", "--arch", "mixtral", "--config", "tiny", "--case", "random", "single_token", "--backend", KERNEL, "--quiet"]
+    argv = [
+        "check",
+        "--arch",
+        "mixtral",
+        "--config",
+        "tiny",
+        "--case",
+        "random",
+        "single_token",
+        "--backend",
+        KERNEL,
+        "--quiet",
+    ]
     assert main(argv) == 1
     out = capsys.readouterr().out
     heads = [line for line in out.splitlines() if line.startswith("- ERROR")]

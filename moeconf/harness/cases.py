@@ -33,14 +33,20 @@ MARGIN_EXPERTS = 16
 """Up to this many routable classes the margin is ``MIN_MARGIN``; beyond, it shrinks as ``16 / (E + Z)``."""
 
 
-def min_margin(spec: MoESpec) -> float:
-    """The routing margin a token needs under ``spec``.
+BF16_MIN_MARGIN = 0.015
+"""The least margin under bf16, whatever E: bf16 router logits (a sum of H rounded products) are off by up to
+~1 % of the spread, which decided a 512-expert token's 10th choice at ``16 / 512`` of ``MIN_MARGIN``."""
+
+
+def min_margin(spec: MoESpec, dtype: torch.dtype | None = None) -> float:
+    """The routing margin a token needs under ``spec``, computed in ``dtype`` (None: as for fp32).
 
     NOTE: the gap between a token's k-th and (k+1)-th of E scores shrinks like 1/E: with 256 experts
     (DeepSeek-V3's published config) not one token in millions clears 0.05 of the spread. Scaled down
-    beyond 16 experts, 256 experts still ask 0.003 of the spread, several times the bf16 error above.
+    beyond 16 experts (``16 / (E + Z)`` of it), with a floor under bf16 (``BF16_MIN_MARGIN``).
     """
-    return MIN_MARGIN * min(1.0, MARGIN_EXPERTS / spec.router_width)
+    margin = MIN_MARGIN * min(1.0, MARGIN_EXPERTS / spec.router_width)
+    return max(margin, BF16_MIN_MARGIN) if dtype == torch.bfloat16 and margin < MIN_MARGIN else margin
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,7 @@ def select_tokens(
     count: int,
     keep: Callable[[torch.Tensor], torch.Tensor],
     what: str,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The first ``count`` candidates (``[N, H]``) that the reference routes with a margin, that keep
     clamped pre-activations away from their limits, and whose top-k index passes ``keep``.
@@ -208,7 +215,7 @@ def select_tokens(
     margin = routing.margin
     if spec.losses.aux != "none":
         margin = torch.minimum(margin, aux_selection_margin(routing.logits, spec.top_k))
-    ok = (margin >= min_margin(spec)) & keep(routing.index)
+    ok = (margin >= min_margin(spec, dtype)) & keep(routing.index)
     ok &= _clamp_distance(spec, params, candidates, routing.index) >= CLAMP_MARGIN
     chosen = ok.nonzero().flatten()[:count]
     if chosen.numel() < count:
@@ -242,6 +249,7 @@ def _select_typed(
     types: torch.Tensor,
     keep: Callable[[torch.Tensor], torch.Tensor],
     what: str,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``[N, H]`` tokens for the positions whose type ids are ``types [N]`` (a spec with token sets):
     each set's positions get tokens that set's router routes with a margin (``select_tokens``), drawn
@@ -255,7 +263,7 @@ def _select_typed(
         if rows.numel():
             sub = token_set_spec(spec, s)
             tokens[rows] = select_tokens(
-                sub, token_set_params(params, s), pools[s], rows.numel(), keep, f"{what}, set {s}"
+                sub, token_set_params(params, s), pools[s], rows.numel(), keep, f"{what}, set {s}", dtype
             )
     return tokens
 
@@ -279,9 +287,9 @@ def make_inputs(
         return _satisfies(case.constraint, index, spec.num_experts)
 
     if token_types is None:
-        tokens = select_tokens(spec, params, candidates, case.tokens, keep, f"case {case.name}")
+        tokens = select_tokens(spec, params, candidates, case.tokens, keep, f"case {case.name}", dtype)
     else:
-        tokens = _select_typed(spec, params, candidates, token_types.reshape(-1), keep, f"case {case.name}")
+        tokens = _select_typed(spec, params, candidates, token_types.reshape(-1), keep, f"case {case.name}", dtype)
     hidden = tokens.reshape(case.batch, case.seq, spec.hidden)
     mask = torch.ones(case.batch, case.seq, dtype=torch.int64)
     pad = _pad_width(case)

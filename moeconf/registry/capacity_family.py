@@ -13,6 +13,7 @@ Source lines refer to transformers 5.24 (docs/transformers-moe-landscape.md).
 
 from __future__ import annotations
 
+from moeconf.registry.config_space import FieldRule
 from moeconf.registry.core import E, H, I
 from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.spec import Capacity, ExpertSpec, LossSpec, MoESpec, RouterSpec
@@ -214,6 +215,12 @@ NLLB_MOE = ArchEntry(
     aux_coef_attr="router_aux_loss_coef",
     block_init=(("ffn_dim", "encoder_ffn_dim"),),
     experts_implementations=("eager",),
+    config_fields=(
+        FieldRule("encoder_ffn_dim", "intermediate"),
+        # NllbMoeTop2Router.route_tokens (modeling_nllb_moe.py:233-236, :281-284): renormalise the top-2 before
+        # the capacity drops, or over the kept slots after them
+        FieldRule("normalize_router_prob_before_dropping", "capacity_normalize_before_dropping"),
+    ),
     expectations=tuple(
         Expectation("xfail", NLLB_ONE_HOT_OF_ONE_HOT, check=check)
         for check in (

@@ -5,6 +5,7 @@ Tiny sizes are shared so that H ≠ I ≠ 2I: a transposed or swapped weight can
 
 from __future__ import annotations
 
+from moeconf.registry.config_space import FieldRule, Published
 from moeconf.registry.entry import ArchEntry, Binding, Expectation
 from moeconf.spec import ExpertSpec, GroupLimit, LossSpec, MoESpec, RouterSpec, SharedSpec
 
@@ -100,6 +101,7 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
         expectations=router_probs_recorded("5.0.0 modeling_mixtral.py:113"),
+        published=(Published("mistralai/Mixtral-8x7B-v0.1", {"num_local_experts": 8, "num_experts_per_tok": 2}),),
     ),
     ArchEntry(
         model_type="qwen2_moe",
@@ -130,6 +132,9 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
         expectations=router_probs_recorded("5.0.0 modeling_qwen2_moe.py:349"),
+        published=(
+            Published("Qwen/Qwen1.5-MoE-A2.7B", {"num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False}),
+        ),
     ),
     ArchEntry(
         model_type="qwen3_moe",
@@ -158,6 +163,9 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
         expectations=router_probs_recorded("5.0.0 modeling_qwen3_moe.py:269"),
+        published=(
+            Published("Qwen/Qwen3-30B-A3B", {"num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True}),
+        ),
     ),
     ArchEntry(
         model_type="deepseek_v3",
@@ -212,6 +220,31 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         + shared_mlp("shared_experts"),
         router_path="gate",
         experts_path="experts",
+        expectations=(
+            Expectation(
+                "xfail",
+                "upstream: DeepseekV3TopkRouter masks the experts of the dropped groups with -inf and takes "
+                "torch.topk(k) of all E (modeling_deepseek_v3.py:151-152 in transformers 5.24); DeepseekV3Config "
+                "never checks num_experts_per_tok <= topk_group × n_routed_experts / n_group, so k beyond the "
+                "kept groups' experts routes to masked experts (their unbiased sigmoid as weight) in silence",
+                check="config_rejects_invalid",
+                config="invalid:kept",
+            ),
+        ),
+        published=(
+            Published(
+                "deepseek-ai/DeepSeek-V3",
+                {
+                    "n_routed_experts": 256,
+                    "num_experts_per_tok": 8,
+                    "n_group": 8,
+                    "topk_group": 4,
+                    "routed_scaling_factor": 2.5,
+                    "norm_topk_prob": True,
+                    "n_shared_experts": 1,
+                },
+            ),
+        ),
     ),
     ArchEntry(
         model_type="gpt_oss",
@@ -254,6 +287,10 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         router_path="router",
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
+        config_fields=(FieldRule("swiglu_limit", "swiglu_limit"), FieldRule("swiglu_alpha", "swiglu_alpha")),
+        published=(
+            Published("openai/gpt-oss-20b", {"num_local_experts": 32, "num_experts_per_tok": 4, "swiglu_limit": 7.0}),
+        ),
     ),
     ArchEntry(
         model_type="jamba",
@@ -287,6 +324,7 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         router_path="router",
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
+        published=(Published("ai21labs/Jamba-v0.1", {"num_experts": 16, "num_experts_per_tok": 2}),),
     ),
     ArchEntry(
         model_type="granitemoe",
@@ -311,6 +349,9 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
         expectations=GRANITE_AUX_UNRECORDED,
+        published=(
+            Published("ibm-granite/granite-3.0-3b-a800m-base", {"num_local_experts": 40, "num_experts_per_tok": 8}),
+        ),
     ),
     ArchEntry(
         model_type="olmoe",
@@ -336,6 +377,11 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         experts_path="experts",
         aux_coef_attr="router_aux_loss_coef",
         expectations=router_probs_recorded("5.0.0 modeling_olmoe.py:356"),
+        published=(
+            Published(
+                "allenai/OLMoE-1B-7B-0924", {"num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False}
+            ),
+        ),
     ),
     ArchEntry(
         model_type="dbrx",
@@ -375,6 +421,28 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         experts_path="experts",
         aux_coef_attr="ffn_config.moe_loss_weight",
         experts_implementations=("eager",),
+        # every routing field sits in the ffn_config sub-config (a DbrxFFNConfig; a dict in the kwargs)
+        config_fields=(
+            FieldRule("ffn_config.ffn_hidden_size", "intermediate"),
+            FieldRule("ffn_config.moe_num_experts", "num_experts"),
+            FieldRule("ffn_config.moe_top_k", "top_k"),
+            FieldRule("ffn_config.moe_normalize_expert_weights", "pnorm"),
+        ),
+        published=(
+            Published(
+                "databricks/dbrx-base",
+                {
+                    "ffn_config.moe_num_experts": 16,
+                    "ffn_config.moe_top_k": 4,
+                    # NOTE: config.json has the int 1, which DbrxFFNConfig refuses (upstream: it declares
+                    # moe_normalize_expert_weights: float | None, configuration_dbrx.py:79 in transformers 5.24, and its
+                    # strict validation raises StrictDataclassFieldValidationError, so from_pretrained cannot load
+                    # the checkpoint's own config); a config the class rejects is an error no declaration excuses,
+                    # so the sample runs the same p as a float.
+                    "ffn_config.moe_normalize_expert_weights": 1.0,
+                },
+            ),
+        ),
         expectations=(
             Expectation(
                 "skip",
@@ -440,5 +508,6 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
         routing_from="router_dense_scores",
         experts_path="experts",
         experts_implementations=("eager",),
+        published=(Published("meta-llama/Llama-4-Scout-17B-16E", {"num_local_experts": 16, "num_experts_per_tok": 1}),),
     ),
 )

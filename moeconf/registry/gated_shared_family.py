@@ -20,9 +20,10 @@ the Dots3-Note vision MoE') give the formulas, the upstream lines and the upstre
 
 from __future__ import annotations
 
+from moeconf.registry.config_space import FieldRule
 from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, E, H, I, K
 from moeconf.registry.deepseek_family import sigmoid_router
-from moeconf.registry.entry import ArchEntry, Binding, sub_config_variant
+from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.registry.sigmoid_family import BLOCK_BIAS, GATE, GATE_BIAS
 from moeconf.spec import MoESpec, RouterSpec, SharedSpec
 
@@ -100,6 +101,8 @@ INKLING_MM = ArchEntry(
     params=INKLING_BLOCK,
     router_path="gate",
     experts_path="experts",
+    # InklingTopkRouter: topk_weights × route_scale × global_scale (modeling_inkling.py, InklingTopkRouter.forward)
+    config_fields=(FieldRule("route_scale", "routed_scaling"),),
 )
 
 DOTS3_VISION = {
@@ -133,6 +136,27 @@ DOTS3_NOTE_VISION = ArchEntry(
     params=GATE + BLOCK_BIAS + FUSED_EXPERTS,
     router_path="gate",
     experts_path="experts",
+    config_fields=(
+        FieldRule(
+            "num_local_experts",
+            None,
+            why="per-layer: the block reads per_layer_config[layer_idx].num_local_experts, which pyramid_num_routed "
+            "sets (configuration_dots3_note.py:87-93); the global value is only the class default, and a global read "
+            "of a heterogeneous config is refused (AmbiguousGlobalPerLayerAttributeError)",
+        ),
+        FieldRule("router_scaling_factor", "routed_scaling"),
+    ),
+    expectations=(
+        Expectation(
+            "xfail",
+            "upstream: Dots3NoteVisionConfig clamps num_experts_per_tok to each layer's expert count "
+            "(per_layer_config[i].num_experts_per_tok = min(num_experts_per_tok, count), "
+            "configuration_dots3_note.py:92 in transformers 5.24), so k > E is accepted in silence and the "
+            "block routes to every expert",
+            check="config_rejects_invalid",
+            config="invalid:top_k",
+        ),
+    ),
 )
 
 ENTRIES: tuple[ArchEntry, ...] = (

@@ -21,6 +21,7 @@ DiffusionGemma') the upstream findings.
 
 from __future__ import annotations
 
+from moeconf.registry.config_space import FieldRule
 from moeconf.registry.core import FUSED_EXPERTS, E, H, I, K
 from moeconf.registry.entry import ArchEntry, Binding
 from moeconf.spec import ExpertSpec, MoESpec, RouterSpec
@@ -114,6 +115,8 @@ def _entry(
         block_adapter=ADAPTER,
         # The module holding every expert weight (as 5.x fused experts); the decoder layer would be attention too.
         leaf_classes=(experts_class,),
+        # Gemma4TextRouter.forward: torch.topk(..., k=self.config.top_k_experts) (not num_experts_per_tok)
+        config_fields=(FieldRule("top_k_experts", "top_k"),),
     )
 
 

@@ -22,6 +22,7 @@ the upstream findings.
 
 from __future__ import annotations
 
+from moeconf.registry.config_space import FieldRule
 from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, E, H, I, K
 from moeconf.registry.deepseek_family import TOKENS
 from moeconf.registry.entry import ArchEntry, Binding, sub_config_variant
@@ -123,6 +124,8 @@ MUSE_SPARK = ArchEntry(
     params=MUSE_SPARK_PARAMS,
     router_path="gate",
     experts_path="experts",
+    # MuseSparkTopkRouter.forward: router_logits × output_multiplier before the sigmoid
+    config_fields=(FieldRule("output_multiplier", "logit_multiplier"),),
 )
 
 ENTRIES: tuple[ArchEntry, ...] = (

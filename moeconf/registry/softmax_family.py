@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from moeconf.registry.config_space import FieldRule, Published
 from moeconf.registry.core import (
     ATTENTION,
     CORE_ENTRIES,
@@ -17,11 +18,10 @@ from moeconf.registry.core import (
     I,
     K,
     S,
-    shared_mlp,
     router_probs_recorded,
+    shared_mlp,
     softmax_topk,
 )
-from moeconf.registry.config_space import FieldRule
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.spec import LossSpec, MoESpec, SharedSpec
 
@@ -244,6 +244,7 @@ QWEN3_VL_MOE = ArchEntry(
     **MIXTRAL_FIELDS,
     aux_coef_attr="text_config.router_aux_loss_coef",
     expectations=router_probs_recorded("5.0.0 modeling_qwen3_vl_moe.py:129"),
+    published=(Published("Qwen/Qwen3-VL-30B-A3B-Instruct", {"num_experts": 128, "num_experts_per_tok": 8}),),
 )
 
 QWEN4_EXP = ArchEntry(
@@ -313,6 +314,9 @@ ARIA = ArchEntry(
     + shared_mlp("shared_experts"),
     router_path="router",
     experts_path="experts",
+    # AriaSharedExpertsMLP: one MLP of intermediate_size × moe_num_shared_experts
+    config_fields=(FieldRule("moe_num_shared_experts", "shared_multiple"),),
+    published=(Published("rhymes-ai/Aria", {"moe_num_experts": 64, "moe_topk": 6, "moe_num_shared_experts": 2}),),
 )
 
 
@@ -340,6 +344,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         **MIXTRAL_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
         expectations=router_probs_recorded("5.0.0 modeling_minimax.py:471"),
+        published=(Published("MiniMaxAI/MiniMax-Text-01", {"num_local_experts": 32, "num_experts_per_tok": 2}),),
     ),
     ArchEntry(
         model_type="qwen3_next",
@@ -371,6 +376,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
         **QWEN_NEXT_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
         expectations=router_probs_recorded("5.0.0 modeling_qwen3_next.py:871"),
+        published=(
+            Published(
+                "Qwen/Qwen3-Next-80B-A3B-Instruct",
+                {"num_experts": 512, "num_experts_per_tok": 10, "norm_topk_prob": True},
+            ),
+        ),
     ),
     QWEN3_5_MOE,
     sub_config_variant(
@@ -648,6 +659,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_fields=(
             FieldRule("expert_selection_fn", "selected_logits_fn"),
             FieldRule("num_shared_experts", "shared_multiple"),
+            FieldRule("shared_expert_combination_strategy", "shared_combine"),
         ),
         params=GATE + FUSED_EXPERTS + shared_mlp("shared_experts"),
         router_path="gate",

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moeconf.registry.core import ATTENTION, SWITCH_AUX, E, H, I, K, shared_mlp
 from moeconf.registry.config_space import FieldRule
+from moeconf.registry.core import ATTENTION, SWITCH_AUX, E, H, I, K, shared_mlp
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.spec import LossSpec, MoESpec, RouterSpec, SharedSpec, TokenTypeSets
 
@@ -115,6 +115,8 @@ ERNIE4_5_VL_MOE = ArchEntry(
         FieldRule("moe_intermediate_size", "set_intermediates"),
         FieldRule("intermediate_size", None, why="the dense MLP's width (the experts' is moe_intermediate_size)"),
         FieldRule("moe_num_shared_experts", "shared_multiple"),
+        # Ernie4_5_VLMoeMoeTopKRouter: weights / clamp(Σ, min=moe_norm_min)
+        FieldRule("moe_norm_min", "renorm_eps"),
     ),
     params=_ernie_router("text_moe", 0)
     + _ernie_experts("text_moe", 0)

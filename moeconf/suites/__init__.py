@@ -15,6 +15,9 @@ collected, through ``matrix()``):
 - ``MOECONF_BACKENDS``: comma-separated backend names (default: the suite's computed list)
 - ``MOECONF_DTYPES``: comma-separated dtypes (default fp32,bf16)
 - ``MOECONF_ARCHS``: comma-separated model types (default: the suite's architectures)
+- ``MOECONF_CONFIGS``: comma-separated config samples beyond ``tiny`` that the parity suite's
+  ``test_config_samples`` runs (kinds or names; default ``default,published,hypothesis,invalid``;
+  ``none``: that test skips)
 - ``MOECONF_REQUIRE_DEVICE=1``: a missing device is an error instead of a skip
 """
 
@@ -48,12 +51,17 @@ def suite_backends(suite: SuiteName, device: str, negative_controls: bool = Fals
     return names
 
 
+CONFIG_SAMPLES_BEYOND_TINY = ("default", "published", "hypothesis", "invalid")
+
+
 @dataclass(frozen=True)
 class Matrix:
     device: str
     archs: list[str]
     backends: list[str]
     dtypes: list[str]
+    configs: tuple[str, ...] = CONFIG_SAMPLES_BEYOND_TINY
+    """Config samples beyond ``tiny`` (``MOECONF_CONFIGS``); empty: none."""
 
 
 def _listed(name: str, default: Sequence[str], valid: Sequence[str]) -> list[str]:
@@ -74,4 +82,18 @@ def matrix(suite: SuiteName, archs: Sequence[str] | None = None, dtypes: Sequenc
         archs=_listed("MOECONF_ARCHS", archs if archs is not None else sorted(REGISTRY), sorted(REGISTRY)),
         backends=_listed("MOECONF_BACKENDS", suite_backends(suite, device), list(BUILTIN)),
         dtypes=_listed("MOECONF_DTYPES", dtypes, list(DTYPES)),
+        configs=_configs(),
     )
+
+
+def _configs() -> tuple[str, ...]:
+    from moeconf.harness.samples import UnknownConfig, check_selectors
+
+    values = tuple(v.strip() for v in os.environ.get("MOECONF_CONFIGS", "").split(",") if v.strip())
+    if values == ("none",):
+        return ()
+    try:
+        check_selectors(values)
+    except UnknownConfig as exc:
+        raise UnknownName(f"MOECONF_CONFIGS: {exc}") from None
+    return values or CONFIG_SAMPLES_BEYOND_TINY
