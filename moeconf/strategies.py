@@ -82,11 +82,16 @@ def config_samples(entry: ArchEntry) -> st.SearchStrategy[ConfigSample]:
             if target == "renorm":
                 values[name] = draw(st.booleans())
             elif target == "pnorm":
-                values[name] = draw(st.sampled_from((None, 1.0, 2.0, 3.0)))
+                # None (no renormalisation) is what the modeling code allows, but DBRX's typed config refuses it
+                values[name] = draw(st.sampled_from((1.0, 2.0, 3.0)))
             elif target == "routed_scaling":
                 values[name] = draw(st.sampled_from((1.0, 0.5, 2.5, 16.0)))
             elif target == "shared_intermediate":
                 values[name] = draw(st.integers(1, 32))
+            elif target == "selected_logits_fn":
+                values[name] = draw(st.sampled_from(("softmax", "sigmoid")))
+            elif target == "shared_slots":
+                values[name] = draw(st.integers(1, 3))
             elif target == "shared_multiple":
                 values[name] = draw(st.integers(1, 3))
             elif target == "expert_capacity":
@@ -99,6 +104,25 @@ def config_samples(entry: ArchEntry) -> st.SearchStrategy[ConfigSample]:
                 values[name] = draw(st.sampled_from((1.702, 1.0, 2.5)))
             elif target == "sparsemixer_eps":
                 values[name] = draw(st.sampled_from((0.01, 0.1, 0.3)))
+            elif target == "logit_softcap_or_zero":
+                values[name] = draw(st.sampled_from((0.0, 1.0, 5.0, 30.0)))
+            elif target == "scoring":
+                # NOTE: DeepSeek-V4 documents "softmax" too, which ACT2FN lacks (the router cannot be built)
+                values[name] = draw(st.sampled_from(("sigmoid", "sqrtsoftplus")))
+            elif target == "shared_swiglu_limit":
+                values[name] = draw(st.sampled_from((7.0, 1.0, 3.0, 10.0)))
+            elif target == "shared_swiglu_alpha":
+                values[name] = draw(st.sampled_from((1.702, 1.0, 2.5)))
+            elif target in ("softcap_gate", "softcap_up"):
+                values[name] = draw(st.sampled_from((1.0, 1.5, 4.0, 25.0)))
+            elif target == "renorm_eps":
+                values[name] = draw(st.sampled_from((1e-12, 1e-6, 0.5)))  # 0.5: above many tokens' top-k sum
+            elif target == "logit_multiplier":
+                values[name] = draw(st.sampled_from((1.0, 0.5, 2.0, 8.0)))
+            elif target == "shared_combine":
+                values[name] = draw(st.sampled_from(("sum", "average")))
+            elif target == "capacity_normalize_before_dropping":
+                values[name] = draw(st.booleans())
         bias = None
         if has_bias:
             bias = (draw(st.sampled_from(BIAS_OFFSETS)), draw(st.sampled_from(BIAS_SCALES)))
@@ -110,16 +134,18 @@ def config_samples(entry: ArchEntry) -> st.SearchStrategy[ConfigSample]:
 
 
 def hypothesis_samples(entry: ArchEntry, count: int) -> tuple[ConfigSample, ...]:
-    """The first ``count`` distinct samples of a derandomised draw, named ``hypothesis:<i>``.
+    """The first ``count`` distinct samples of a derandomised draw, then as many more of the same draw as it
+    takes for every routing field to take a value other than its tiny one (the coverage rule); named
+    ``hypothesis:<i>`` in that order.
 
     NOTE: hypothesis has no public "draw n examples from a seed" call; a derandomised ``@given`` run
     that only collects its examples is the supported way to get the same draws on every run.
     """
-    found: list[ConfigSample] = []
+    pool: list[ConfigSample] = []
     strategy = config_samples(entry)
 
     @settings(
-        max_examples=max(10, 5 * count),
+        max_examples=max(40, 10 * count),
         derandomize=True,
         database=None,
         phases=[Phase.generate],
@@ -128,11 +154,19 @@ def hypothesis_samples(entry: ArchEntry, count: int) -> tuple[ConfigSample, ...]
     )
     @given(strategy)
     def collect(sample: ConfigSample) -> None:
-        if len(found) < count and all(sample.values != f.values or sample.bias != f.bias for f in found):
-            found.append(sample)
+        if all(sample.values != s.values or sample.bias != s.bias for s in pool):
+            pool.append(sample)
 
     collect()
-    return tuple(ConfigSample(f"hypothesis:{i}", "hypothesis", s.values, bias=s.bias) for i, s in enumerate(found))
+    chosen = pool[:count]
+    tiny = tiny_values(entry)
+    for name in tiny:
+        if any(dict(s.values).get(name, tiny[name]) != tiny[name] for s in chosen):
+            continue
+        other = next((s for s in pool if dict(s.values).get(name, tiny[name]) != tiny[name]), None)
+        if other is not None and other not in chosen:
+            chosen.append(other)
+    return tuple(ConfigSample(f"hypothesis:{i}", "hypothesis", s.values, bias=s.bias) for i, s in enumerate(chosen))
 
 
 __all__ = ["config_samples", "hypothesis_samples"]

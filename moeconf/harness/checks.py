@@ -322,20 +322,28 @@ def _grad_check(c: CheckInput, names: list[str]) -> Outcome:
     return merge(parts)
 
 
+VANISHED_GRADIENT = 1e-2
+"""A bf16 gradient whose exact value stays below this fraction of the input gradient's scale
+(``_vanished_gradient_scale``)."""
+
+
 def _vanished_gradient_scale(c: CheckInput, expected: torch.Tensor) -> float | None:
-    """For bf16, the scale to judge a gradient by when its exact value vanishes everywhere, else None.
+    """For bf16, the scale to judge a gradient by when its exact value (nearly) vanishes, else None.
 
     NOTE: with k = 1 and p-norm renormalisation (DBRX at its class defaults) every routing weight is 1
     whatever the router says, so d⟨out, G⟩/d router is exactly 0: a sum of O(|G|·|expert output|) terms
-    that cancel. bf16 keeps ~0.4 % of each term, so the computed gradient is that much of the terms'
-    size, not of its own (zero) size; the input gradient, made of the same terms, is that size.
+    that cancel. Gemma 4's per-expert scale at k = 1 is the same up to its output norm's eps: the norm
+    undoes any scale of the one weight. bf16 keeps ~0.4 % of each term, so the computed gradient is that
+    much of the terms' size, not of its own (vanishing) size; the input gradient, made of the same terms,
+    is that size. Below 1 % of it a bf16 gradient is judged in its units; fp32 judges it as usual.
     """
-    if c.dtype != "bf16" or expected.numel() == 0 or float(expected.abs().max()) > 1e-9:
+    if c.dtype != "bf16" or expected.numel() == 0:
         return None
     reference_input = c.reference_grads.get("input")
     if reference_input is None or reference_input.numel() == 0:
         return None
-    return max(1.0, float(reference_input.abs().max()))
+    scale = max(1.0, float(reference_input.abs().max()))
+    return scale if float(expected.abs().max()) < VANISHED_GRADIENT * scale else None
 
 
 def check_grad_input(c: CheckInput) -> Outcome:

@@ -46,6 +46,17 @@ Target = Literal[
     "swiglu_limit",
     "swiglu_alpha",
     "sparsemixer_eps",
+    "logit_softcap_or_zero",
+    "scoring",
+    "shared_swiglu_limit",
+    "shared_swiglu_alpha",
+    "softcap_gate",
+    "softcap_up",
+    "renorm_eps",
+    "per_k_scaling",
+    "logit_multiplier",
+    "shared_combine",
+    "capacity_normalize_before_dropping",
 ]
 """What a config field sets in the spec (``TARGETS`` says how)."""
 
@@ -152,6 +163,18 @@ def _experts(spec: MoESpec, **changes: Any) -> MoESpec:
     return _draft(spec, experts=_draft(spec.experts, **changes))
 
 
+def _shared_mlp(spec: MoESpec, **changes: Any) -> MoESpec:
+    assert spec.shared is not None and spec.shared.mlp is not None  # rule_applies: a shared MLP of its own form
+    return _draft(spec, shared=_draft(spec.shared, mlp=_draft(spec.shared.mlp, **changes)))
+
+
+def _shared_combine(spec: MoESpec, value: Any) -> MoESpec:
+    if value not in ("sum", "average"):
+        raise ValueError(f"shared_expert_combination_strategy {value!r}: the block knows 'sum' and 'average'")
+    assert spec.shared is not None  # rule_applies: only with a shared MLP
+    return _draft(spec, shared=_draft(spec.shared, combine=value))
+
+
 TARGETS: dict[str, Callable[[MoESpec, Any], MoESpec]] = {
     "hidden": lambda s, v: _draft(s, hidden=int(v)),
     "intermediate": lambda s, v: _draft(s, intermediate=int(v)),
@@ -174,6 +197,29 @@ TARGETS: dict[str, Callable[[MoESpec, Any], MoESpec]] = {
     "swiglu_limit": lambda s, v: _experts(s, gptoss_limit=float(v)),
     "swiglu_alpha": lambda s, v: _experts(s, gptoss_alpha=float(v)),
     "sparsemixer_eps": lambda s, v: _router(s, sparsemixer_eps=float(v)),
+    # Laguna's moe_router_logit_softcapping: a float whose 0.0 means "no cap" (the config refuses None)
+    "logit_softcap_or_zero": lambda s, v: _router(s, logit_softcap=float(v) if v and float(v) > 0 else None),
+    # DeepSeek-V4 / Inkling2 scoring_func (ACT2FN[scoring_func] of the logits)
+    "scoring": lambda s, v: _router(s, scoring=str(v)),
+    # a shared MLP that clamps with the routed experts' limit / alpha (GLM-5-Next, MiniMax-M3, DeepSeek-V4)
+    "shared_swiglu_limit": lambda s, v: _shared_mlp(s, gptoss_limit=float(v)),
+    "shared_swiglu_alpha": lambda s, v: _shared_mlp(s, gptoss_alpha=float(v)),
+    # Inkling2 mlp_gate_softcap / mlp_up_softcap
+    "softcap_gate": lambda s, v: _experts(s, softcap_gate=float(v)),
+    "softcap_up": lambda s, v: _experts(s, softcap_up=float(v)),
+    # ERNIE-4.5's moe_norm_min: the floor (renorm_clamp) or epsilon of the renormalising sum
+    "renorm_eps": lambda s, v: _router(s, renorm_eps=float(v)),
+    # OpenAI privacy filter: the router returns w / k and the block multiplies the routed output by k
+    "per_k_scaling": lambda s, v: _router(s, routed_scaling=1 / int(v), output_scale=float(v)),
+    # Muse Spark's output_multiplier: the router logits × a constant before the scoring function
+    "logit_multiplier": lambda s, v: _router(s, logit_multiplier=float(v)),
+    # Cohere2-MoE's shared_expert_combination_strategy: routed + shared ("sum") or their mean ("average")
+    "shared_combine": _shared_combine,
+    # NLLB-MoE's normalize_router_prob_before_dropping: True renormalises the top-2 before the capacity drops
+    # (a dropped slot keeps its share), False over the kept slots only (Capacity.renorm_kept)
+    "capacity_normalize_before_dropping": lambda s, v: _router(
+        s, renorm="always" if v else s.router.renorm, capacity=_draft(s.router.capacity, renorm_kept=not bool(v))
+    ),
 }
 """How each target sets the spec, in the order they are applied (sizes and counts first)."""
 
@@ -220,20 +266,24 @@ def rule_applies(target: Target, template: MoESpec) -> bool:
         return router.capacity is not None
     if target in ("swiglu_limit", "swiglu_alpha"):
         return template.experts.glu != "swiglu"
+    if target in ("shared_swiglu_limit", "shared_swiglu_alpha"):
+        return template.shared is not None and template.shared.mlp is not None and template.shared.mlp.glu != "swiglu"
+    if target in ("softcap_gate", "softcap_up"):
+        return template.experts.glu == "softcapped_swiglu"
+    if target == "shared_combine":
+        return template.shared is not None
+    if target == "capacity_normalize_before_dropping":
+        return router.capacity is not None
     return True
 
 
 def _has(config: Any, field: str) -> bool:
-    obj = config
-    for part in field.split("."):
-        if isinstance(obj, Mapping):
-            if part not in obj:
-                return False
-            obj = obj[part]
-        elif hasattr(obj, part):
-            obj = getattr(obj, part)
-        else:
-            return False
+    try:
+        read_field(config, field)
+    except (AttributeError, KeyError):
+        return False
+    # NOTE: any other error (a per-layer attribute of a heterogeneous config refusing a global read) means
+    # the field exists but needs an entry's own rule: it propagates, naming the field.
     return True
 
 
@@ -323,7 +373,8 @@ class ConfigSample:
     ``name``: ``tiny``, ``default``, ``published:<checkpoint>``, ``hypothesis:<i>`` or ``invalid:<what>``; it appears in
     records, in ``repro`` and on the CLI (``--config``). ``values``: ``(field, value)`` pairs of the
     block config (dotted for sub-configs) set over the tiny config; a ``default`` sample's ``None``
-    means "the config class's default" (the field is removed). ``bias``: the trained selection-bias state the inputs draw, as
+    means "the config class's default" (the field is removed). ``bias``: the trained selection-bias
+    state the inputs draw, as
     ``router.selection_bias = offset + scale · N(0, 1)`` (None: the usual draw); a large negative offset
     puts every biased score below zero, which is what exposes a group mask filled with 0 instead of −inf.
     """
