@@ -92,6 +92,8 @@ def config_samples(entry: ArchEntry) -> st.SearchStrategy[ConfigSample]:
                 values[name] = draw(st.sampled_from(("softmax", "sigmoid")))
             elif target == "shared_slots":
                 values[name] = draw(st.integers(1, 3))
+            elif target == "topk_method":
+                values[name] = draw(st.sampled_from(("group_limited_greedy", "greedy")))
             elif target == "shared_multiple":
                 values[name] = draw(st.integers(1, 3))
             elif target == "expert_capacity":

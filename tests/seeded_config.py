@@ -18,21 +18,29 @@ def _router(block: nn.Module, entry: ArchEntry) -> nn.Module:
     return block.get_submodule(entry.router_path)
 
 
+def _hard_code(module: nn.Module, **values: object) -> None:
+    """Overwrite attributes the module reads its config from (each must exist: a seeded bug that silently
+    sets an attribute nobody reads would prove nothing)."""
+    for name, value in values.items():
+        if not hasattr(module, name):
+            raise AttributeError(f"{type(module).__name__} has no attribute {name!r} to hard-code")
+        setattr(module, name, value)
+
+
 def _renorm_always(block: nn.Module, entry: ArchEntry) -> None:
-    _router(block, entry).norm_topk_prob = True  # qwen3_moe's tiny config sets True
+    _hard_code(_router(block, entry), norm_topk_prob=True)  # qwen3_moe's tiny config sets True
 
 
 def _k_two(block: nn.Module, entry: ArchEntry) -> None:
-    _router(block, entry).top_k = 2  # the tiny configs' k
+    _hard_code(_router(block, entry), top_k=2)  # the tiny configs' k
 
 
 def _two_groups(block: nn.Module, entry: ArchEntry) -> None:
-    router = _router(block, entry)
-    router.num_group, router.topk_group = 2, 1  # deepseek_v3's tiny n_group / topk_group
+    _hard_code(_router(block, entry), num_group=2, topk_group=1)  # deepseek_v3's tiny n_group / topk_group
 
 
 def _p_two(block: nn.Module, entry: ArchEntry) -> None:
-    _router(block, entry).moe_normalize_expert_weights = 2.0  # dbrx's tiny p (DBRX ships p = 1)
+    _hard_code(block, moe_normalize_expert_weights=2.0)  # dbrx's tiny p (DBRX ships p = 1); DbrxFFN reads it
 
 
 renorm_hardcoded = HFBlockBackend("renorm-hardcoded", patch=_renorm_always)

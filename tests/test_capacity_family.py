@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from moeconf.backends import HFBlockBackend, Observation, RunRequest
-from moeconf.hf.block import Recording, framework_loss_fn
+from moeconf.hf.block import Recording, dispatch_routing, framework_loss_fn
+from moeconf.hf.configs import at_config
 from moeconf.reference.losses import load_balancing_loss, router_z_loss
-from moeconf.reference.router import _apply_capacity, _renorm_kept
+from moeconf.reference.router import _apply_capacity, _renorm_kept, route
 from moeconf.registry import REGISTRY, ArchEntry
-from moeconf.spec import Capacity
+from moeconf.registry.config_space import ConfigSample
+from moeconf.spec import Capacity, MoESpec, RouterSpec
 from tests.records import judged_records, red
 
 if "switch_transformers" not in REGISTRY:  # transformers 4.x registers only the entries with a 4.x variant
@@ -342,6 +344,66 @@ def test_switch_adds_router_losses_only_when_the_caller_asks() -> None:
     aux = SWITCH.config_kwargs["router_aux_loss_coef"] * (out.encoder_aux_loss + out.decoder_aux_loss)
     z = SWITCH.config_kwargs["router_z_loss_coef"] * (out.encoder_z_loss + out.decoder_z_loss)
     assert torch.allclose(out.loss, ce + aux + z, rtol=1e-5)
+
+
+# --- regression: NLLB at config samples (E = k = 2; normalize_router_prob_before_dropping=True) ----------
+
+
+def _nllb_sample(num_experts: int, capacity: int, before_dropping: bool) -> ArchEntry:
+    sample = ConfigSample(
+        f"hypothesis:nllb-{num_experts}-{capacity}-{before_dropping}",
+        "hypothesis",
+        (
+            ("num_experts", num_experts),
+            ("expert_capacity", capacity),
+            ("normalize_router_prob_before_dropping", before_dropping),
+        ),
+    )
+    return dataclasses.replace(at_config(NLLB, sample), expectations=())
+
+
+def test_dense_weights_stay_aligned_when_a_token_picks_every_expert() -> None:
+    """NLLB with two experts: the dense combine weights ``[N, E]`` are ``[N, k]`` wide too, and were read as
+    per-slot weights, in the order of an index that puts the kept experts first (hypothesis:0, "got 0.99721,
+    expected 0.00279038"). Here expert 0 is the first choice but dropped, expert 1 kept at weight 1."""
+    spec = _nllb_sample(2, 1, False).spec
+    dispatch = torch.tensor([[0, 0]])  # the router's top_1_mask after the drops
+    combine = torch.tensor([[0.0, 1.0]])
+    logits = torch.tensor([[2.0, 1.0]])
+    index, weights = dispatch_routing((dispatch, combine, logits), spec)
+    assert index.tolist() == [[1, 0]]  # kept first, then the router's next choice
+    assert weights.tolist() == [[1.0, 0.0]]  # each expert's own weight, not the slot's
+
+
+def test_a_dropped_slot_weighs_zero_unless_passed_through() -> None:
+    """The reference's weight of a dropped slot is 0 (a router's combine weights cannot show any other), and
+    the weight itself only where ``dropped="passthrough"`` applies it to the token."""
+    params = {"router.weight": torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)}
+    x = torch.tensor([[2.0, 0.0]] * 2, dtype=torch.float64)  # both pick expert 0, capacity 1
+    probs = torch.softmax(x, dim=-1)[:, :1]
+    for dropped, second in (("zero", 0.0), ("passthrough", float(probs[1]))):
+        spec = MoESpec(2, 1, 2, 2, router=RouterSpec(capacity=Capacity(1, dropped=dropped, group="batch")))
+        r = route(spec, params, x)
+        assert r.kept.flatten().tolist() == [True, False]
+        assert torch.allclose(r.weights.flatten(), torch.tensor([float(probs[0]), second], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "capacity", "before_dropping"),
+    [(2, 1, False), (2, 1, True), (10, 2, True), (10, 1, False)],
+)
+def test_nllb_with_the_combine_fixed_passes_at_config_samples(
+    num_experts: int, capacity: int, before_dropping: bool
+) -> None:
+    """The hypothesis samples that failed ``routing_weights``: E = k = 2 (dense weights read per slot) and
+    renormalising before the drops (a dropped slot's pre-drop share, which the combine weights zero)."""
+    entry = _nllb_sample(num_experts, capacity, before_dropping)
+    assert entry.spec.router.capacity == Capacity(
+        capacity, group="batch", order="slot", renorm_kept=not before_dropping
+    )
+    records = judged_records(entry, HFBlockBackend("nllb-fixed", patch=_nllb_fixed))
+    assert red(records) == set()
+    assert {r.check for r in records if r.status == "pass"} >= {"routing", "routing_weights", "output", "grad_router"}
 
 
 def test_an_nllb_eval_pass_leaks_its_capacity_into_training() -> None:

@@ -100,7 +100,10 @@ def _routing(obs: Observation, tokens: int, top_k: int, width: int, form: _Form)
         index = _tensor("topk_index", obs.topk_index, form.readable)
         if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise MalformedObservation(f"topk_index: expected an integer tensor, got {describe(index)}")
-        _shape("topk_index", index, (tokens, top_k))
+        # NOTE: [N, k'] with k' ≠ k is a well-formed observation of a block that routes to the wrong number
+        # of experts (one that hard-codes k): the routing checks judge it (fail), it is not the adapter's error.
+        if index.dim() != 2 or index.shape[0] != tokens or index.shape[1] < 1:
+            raise MalformedObservation(f"topk_index: expected shape [{tokens}, k] (k = {top_k}), got {describe(index)}")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= width):
             raise MalformedObservation(
                 f"topk_index: expert ids must lie in [0, {width}), got [{int(index.min())}, {int(index.max())}]"
@@ -109,7 +112,8 @@ def _routing(obs: Observation, tokens: int, top_k: int, width: int, form: _Form)
     if obs.topk_weights is not None:
         weights = _tensor("topk_weights", obs.topk_weights, form.readable)
         _dtype("topk_weights", weights, form.router, router_why)
-        _shape("topk_weights", weights, (tokens, top_k))
+        picks = obs.topk_index.shape[-1] if isinstance(obs.topk_index, torch.Tensor) else top_k
+        _shape("topk_weights", weights, (tokens, picks))
     if obs.router_logits is not None:
         logits = _tensor("router_logits", obs.router_logits, form.readable)
         _dtype("router_logits", logits, form.router, router_why)

@@ -390,16 +390,31 @@ def dispatch_routing(router_output: Sequence[Any], spec: MoESpec) -> tuple[torch
     """``(index [N, k], weights [N, k])`` from a capacity router's ``(dispatch, weights, logits)`` output.
 
     ``dispatch [.., E]`` is nonzero where a (token, expert) pair is dispatched after the capacity drops;
-    ``weights`` is per slot ``[.., k]`` (Switch: the top-1 probability, dropped tokens included) or dense
-    ``[.., E]`` (NLLB: the combine weights, nonzero exactly on the kept pairs). A dropped slot appears in
-    neither, so it is filled with the router's own next choice by its ``logits [.., E]``: the index is
-    the kept experts first, then the best of the rest. A kept expert is thus reported as kept (a wrong
-    one shows), and only the experts of dropped slots come from the logits. Weights are gathered from a
-    dense ``weights`` (0 on a dropped slot).
+    ``weights`` is per slot ``[.., 1]`` for a top-1 router (Switch: the top-1 probability, dropped tokens
+    included) and dense ``[.., E]`` for a top-k router, k > 1 (NLLB: the combine weights, nonzero exactly
+    on the kept pairs; its dispatch is the kept *first* choices only). A dropped slot appears in neither,
+    so it is filled with the router's own next choice by its ``logits [.., E]``: the index is the kept
+    experts first, then the best of the rest. A kept expert is thus reported as kept (a wrong one shows),
+    and only the experts of dropped slots come from the logits.
+
+    Weights: a dropped slot weighs 0, as ``reference.router.route`` reports it under
+    ``Capacity.dropped="zero"`` (a dense combine tensor cannot show anything else: NLLB's pre-drop share
+    of a dropped slot is multiplied by the mask inside the router); under ``"passthrough"`` a top-1
+    router's weight of a dropped token is reported as is, since the block applies it.
+
+    NOTE: whether ``weights`` is dense is decided by ``k``, not by its width: at ``k == E`` (NLLB with two
+    experts) both forms are ``[.., E]``, and dense weights read as per-slot ones would be aligned with an
+    index whose order (kept experts, tied) they do not share. A per-slot ``[.., k]`` tensor with ``k > 1``
+    cannot be aligned either (the router's slot order is not in its output), so it is refused.
     """
     dispatch, weights, logits = router_output[:3]
     width, k = spec.num_experts, spec.top_k
-    dense = weights.shape[-1] == width and k != width  # [.., E] combine weights, not [.., k] per slot
+    dense = k > 1
+    if dense and weights.shape[-1] != width:
+        raise ValueError(
+            f"dispatch_routing: a top-{k} capacity router must return dense [.., {width}] combine weights, "
+            f"got [.., {weights.shape[-1]}]"
+        )
     kept = dispatch.reshape(-1, width) != 0
     if dense:
         kept = kept | (weights.reshape(-1, width) != 0)
@@ -407,7 +422,11 @@ def dispatch_routing(router_output: Sequence[Any], spec: MoESpec) -> tuple[torch
     index = priority.topk(k, dim=-1).indices
     if dense:
         return index, weights.reshape(-1, width).gather(1, index)
-    return index, weights.reshape(-1, k)
+    weights = weights.reshape(-1, k)
+    capacity = spec.router.capacity
+    if capacity is not None and capacity.dropped == "passthrough":
+        return index, weights
+    return index, weights * kept.gather(1, index).to(weights.dtype)
 
 
 def _output_capturing() -> Any:

@@ -140,7 +140,8 @@ def at_config(entry: ArchEntry, sample: ConfigSample = TINY) -> ArchEntry:
     """The entry at ``sample``'s config (the entry itself, declarations resolved, for ``tiny``).
 
     Raises ``InvalidConfig`` when the sample describes no valid layer (the reference's verdict; whether
-    the block rejects it too is ``moeconf.tools.invalid_configs``' business).
+    the block rejects it too is ``config_rejects_invalid``'s business). Never raises for ``tiny``: a
+    config the installed release cannot build is the backends' to report, record by record.
     """
     if sample == TINY and not any(x.when or x.config for x in entry.expectations):
         return entry  # nothing to resolve, nothing built (a whole-entry skip may not even build its config)
@@ -148,6 +149,14 @@ def at_config(entry: ArchEntry, sample: ConfigSample = TINY) -> ArchEntry:
     cached = _VARIANTS.get(key)
     if cached is not None:
         return cached
+    if sample == TINY:
+        try:
+            config: Any = block_config(entry, build_config(entry))
+        except Exception:  # noqa: BLE001 - a release without this config (class): judged when run
+            config = None
+        variant = dataclasses.replace(entry, expectations=_resolved(entry, sample, config))
+        _VARIANTS[key] = variant
+        return variant
     kwargs = _kwargs_for(entry, sample)
     probe = dataclasses.replace(entry, config_kwargs=kwargs)
     config = block_config(probe, build_config(probe))

@@ -22,7 +22,9 @@ class Routing:
     Attributes:
         logits: ``[N, E]`` raw router logits ``x Wᵀ (+ b)``.
         index: ``[N, k]`` selected experts, ascending per token (sets, not order, are the contract).
-        weights: ``[N, k]`` routing weights aligned with ``index``; differentiable.
+        weights: ``[N, k]`` routing weights aligned with ``index``; differentiable. A slot that capacity
+            dropped weighs 0 (its weight is applied to nothing), except under ``Capacity.dropped=
+            "passthrough"``, where a token with every slot dropped leaves the block at its weight × x.
         margin: ``[N]`` gap between the last selected and the first rejected candidate, relative to
             the token's score spread (SparseMixer: or, if smaller, the distance of a mask decision
             from its threshold). Cases keep tokens with a comfortable margin so that rounding never
@@ -200,6 +202,10 @@ def route(spec: MoESpec, params: Params, x: torch.Tensor, tokens_per_sequence: i
         kept = _apply_capacity(ranked, capacity, group).gather(1, order)
         if capacity.renorm_kept:
             weights = _renorm_kept(weights, kept)
+        elif capacity.dropped == "zero":
+            # A dropped slot weighs 0: its weight reaches nothing, and a router that returns combine
+            # weights (NLLB, normalize_router_prob_before_dropping=True) has already masked it there.
+            weights = weights * kept
     if router.scaling_site == "weights":
         weights = weights * router.routed_scaling
     if router.learned_scale:

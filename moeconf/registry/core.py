@@ -21,7 +21,7 @@ FUSED_EXPERTS = (
 )
 
 
-def shared_mlp(prefix: str, gate: str | None = None) -> tuple[Binding, ...]:
+def shared_mlp(prefix: str, *, gate: str | None = None) -> tuple[Binding, ...]:
     """Bindings of a gate/up/down ``nn.Linear`` shared expert under ``prefix`` (plus its sigmoid gate)."""
     bindings = (
         Binding(f"{prefix}.gate_proj.weight", ("shared.w_gate",)),
@@ -31,7 +31,7 @@ def shared_mlp(prefix: str, gate: str | None = None) -> tuple[Binding, ...]:
     return bindings + ((Binding(f"{gate}.weight", ("shared.gate",)),) if gate else ())
 
 
-def softmax_topk(renorm: str) -> RouterSpec:
+def softmax_topk(*, renorm: str) -> RouterSpec:
     """R1: softmax over all experts → top-k → renormalise (``always`` / ``never``)."""
     return RouterSpec(scoring="softmax", select_on="scores", weight_from="scores", renorm=renorm)  # type: ignore[arg-type]
 
@@ -91,11 +91,10 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.mixtral.modeling_mixtral",
         block_class="MixtralSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="MixtralForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
+        spec=MoESpec(E, K, H, I, router=softmax_topk(renorm="always"), losses=SWITCH_AUX),
         params=(Binding("gate.weight", ("router.weight",)),) + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",
@@ -120,11 +119,12 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.qwen2_moe.modeling_qwen2_moe",
         block_class="Qwen2MoeSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="Qwen2MoeForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("never"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX),
+        spec=MoESpec(
+            E, K, H, I, router=softmax_topk(renorm="never"), shared=SharedSpec(S, gate="sigmoid"), losses=SWITCH_AUX
+        ),
         params=(Binding("gate.weight", ("router.weight",)),)
         + FUSED_EXPERTS
         + shared_mlp("shared_expert", gate="shared_expert_gate"),
@@ -153,11 +153,10 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.qwen3_moe.modeling_qwen3_moe",
         block_class="Qwen3MoeSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="Qwen3MoeForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
+        spec=MoESpec(E, K, H, I, router=softmax_topk(renorm="always"), losses=SWITCH_AUX),
         params=(Binding("gate.weight", ("router.weight",)),) + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",
@@ -191,7 +190,6 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.deepseek_v3.modeling_deepseek_v3",
         block_class="DeepseekV3MoE",
         block_path="model.layers.0.mlp",
         model_class="DeepseekV3ForCausalLM",
@@ -261,7 +259,6 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.gpt_oss.modeling_gpt_oss",
         block_class="GptOssMLP",
         block_path="model.layers.0.mlp",
         model_class="GptOssForCausalLM",
@@ -315,11 +312,10 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.jamba.modeling_jamba",
         block_class="JambaSparseMoeBlock",
         block_path="model.layers.1.feed_forward",
         model_class="JambaForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("never"), losses=SWITCH_AUX),
+        spec=MoESpec(E, K, H, I, router=softmax_topk(renorm="never"), losses=SWITCH_AUX),
         params=(Binding("router.weight", ("router.weight",)),) + FUSED_EXPERTS,
         router_path="router",
         experts_path="experts",
@@ -339,7 +335,6 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.granitemoe.modeling_granitemoe",
         block_class="GraniteMoeMoE",
         block_path="model.layers.0.block_sparse_moe",
         model_class="GraniteMoeForCausalLM",
@@ -367,11 +362,10 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.olmoe.modeling_olmoe",
         block_class="OlmoeSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="OlmoeForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_topk("never"), losses=SWITCH_AUX),
+        spec=MoESpec(E, K, H, I, router=softmax_topk(renorm="never"), losses=SWITCH_AUX),
         params=(Binding("gate.weight", ("router.weight",)),) + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",
@@ -405,7 +399,6 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
                 "ffn_act_fn": {"name": "silu"},
             },
         ),
-        modeling_module="transformers.models.dbrx.modeling_dbrx",
         block_class="DbrxFFN",
         block_path="transformer.blocks.0.ffn",
         model_class="DbrxForCausalLM",
@@ -482,7 +475,6 @@ CORE_ENTRIES: tuple[ArchEntry, ...] = (
                 projector_output_dim=32,
             ),
         ),
-        modeling_module="transformers.models.llama4.modeling_llama4",
         block_class="Llama4TextMoe",
         block_path="language_model.model.layers.0.feed_forward",
         model_class="Llama4ForConditionalGeneration",

@@ -11,10 +11,10 @@ extra_family.py.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
-from moeconf.registry.core import ATTENTION, CORE_ENTRIES, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
 from moeconf.registry.config_space import FieldRule, Published
+from moeconf.registry.core import ATTENTION, CORE_ENTRIES, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.spec import ExpertSpec, GroupLimit, LossSpec, MoESpec, RouterSpec, SharedSpec
 
@@ -39,6 +39,17 @@ TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 """Plain RoPE where the default is YaRN with factors meant for long contexts."""
 
+DS_SIZES = dict(
+    hidden_size=H,
+    intermediate_size=48,
+    moe_intermediate_size=I,
+    n_routed_experts=E,
+    num_experts_per_tok=K,
+    n_shared_experts=1,
+)
+"""The tiny DeepSeek-style MoE sizes (E routed experts of width I, top-K, one shared expert, dense MLP 48 wide)
+that open most configs here; the routing fields (groups, renormalisation, scaling) follow in each config."""
+
 CLAMP = 3.0
 """``swiglu_limit`` of the clamped experts (HY-V4): N(0, 1) pre-activations exceed it a few times per
 case, so the clamps really bite. NOTE: the cases keep routing margins but not clamp margins; a much
@@ -54,46 +65,52 @@ DSV3_BLOCK = BIASED_GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
 DSV2_BLOCK = GATE + FUSED_EXPERTS + shared_mlp("shared_experts")
 """DeepSeek-V2 / Mistral-4 block: router without bias, fused experts, ``shared_experts``."""
 
+DSV3_FIELDS: dict[str, Any] = dict(params=DSV3_BLOCK, router_path="gate", experts_path="experts")
+"""The bindings and module names of a ``DSV3_BLOCK`` (router ``gate``, experts ``experts``)."""
+
+DSV2_FIELDS: dict[str, Any] = dict(params=DSV2_BLOCK, router_path="gate", experts_path="experts")
+"""The bindings and module names of a ``DSV2_BLOCK`` (router ``gate``, experts ``experts``)."""
+
 
 def sigmoid_router(
-    norm: bool, scaling: float, group: GroupLimit | None = GROUPS, site: Literal["weights", "output"] = "weights"
+    *,
+    renorm: bool,
+    routed_scaling: float,
+    group_limit: GroupLimit | None = GROUPS,
+    scaling_site: Literal["weights", "output"] = "weights",
 ) -> RouterSpec:
     """R3 DeepSeek-V3: sigmoid scores, selection on scores + bias (group-limited), weights = unbiased
-    scores, renormalised ``/ (Σ + 1e-20)`` iff ``norm``, times ``scaling`` (in the weights or on the output)."""
+    scores, renormalised ``/ (Σ + 1e-20)`` iff ``renorm``, times ``routed_scaling`` (in the weights or on
+    the output, ``scaling_site``)."""
     return RouterSpec(
         scoring="sigmoid",
         select_on="scores",
         selection_bias=True,
         weight_from="scores",
-        renorm="always" if norm else "never",
+        renorm="always" if renorm else "never",
         renorm_eps=1e-20,
-        group_limit=group,
-        routed_scaling=scaling,
-        scaling_site=site,
+        group_limit=group_limit,
+        routed_scaling=routed_scaling,
+        scaling_site=scaling_site,
     )
 
 
-def softmax_group_router(norm: bool, scaling: float, group: GroupLimit | None) -> RouterSpec:
+def softmax_group_router(*, renorm: bool, routed_scaling: float, group_limit: GroupLimit | None) -> RouterSpec:
     """R6 DeepSeek-V2 / Mistral-4: softmax scores, (group-limited) top-k on them, weights = scores,
-    renormalised ``/ (Σ + 1e-20)`` iff ``norm``, times ``scaling``."""
+    renormalised ``/ (Σ + 1e-20)`` iff ``renorm``, times ``routed_scaling``."""
     return RouterSpec(
         scoring="softmax",
         select_on="scores",
         weight_from="scores",
-        renorm="always" if norm else "never",
+        renorm="always" if renorm else "never",
         renorm_eps=1e-20,
-        group_limit=group,
-        routed_scaling=scaling,
+        group_limit=group_limit,
+        routed_scaling=routed_scaling,
     )
 
 
 GLM4V_TEXT = dict(
-    hidden_size=H,
-    intermediate_size=48,
-    moe_intermediate_size=I,
-    n_routed_experts=E,
-    num_experts_per_tok=K,
-    n_shared_experts=1,
+    **DS_SIZES,
     n_group=2,
     topk_group=1,
     norm_topk_prob=True,
@@ -128,12 +145,7 @@ DOTS3_TEXT = dict(
     **ATTENTION,
 )
 HYV4_TEXT = dict(
-    hidden_size=H,
-    intermediate_size=48,
-    moe_intermediate_size=I,
-    n_routed_experts=E,
-    num_experts_per_tok=K,
-    n_shared_experts=1,
+    **DS_SIZES,
     n_group=2,
     topk_group=1,
     norm_topk_prob=True,
@@ -149,12 +161,7 @@ HYV4_TEXT = dict(
 )
 HYV4VL_TEXT = dict(HYV4_TEXT, rope_parameters={**ROPE, "mrope_section": [2, 1, 1]})  # sums to qk_rope_head_dim // 2
 OCR2_TEXT = dict(
-    hidden_size=H,
-    intermediate_size=48,
-    moe_intermediate_size=I,
-    n_routed_experts=E,
-    num_experts_per_tok=K,
-    n_shared_experts=1,
+    **DS_SIZES,
     topk_method="group_limited_greedy",
     n_group=2,
     topk_group=1,
@@ -165,12 +172,7 @@ OCR2_TEXT = dict(
     **ATTENTION,
 )
 UNLIMITED_OCR_TEXT = dict(
-    hidden_size=H,
-    intermediate_size=48,
-    moe_intermediate_size=I,
-    n_routed_experts=E,
-    num_experts_per_tok=K,
-    n_shared_experts=1,
+    **DS_SIZES,
     topk_method="greedy",
     n_group=1,
     topk_group=1,
@@ -181,12 +183,7 @@ UNLIMITED_OCR_TEXT = dict(
     **ATTENTION,
 )
 LARGE4_TEXT = dict(
-    hidden_size=H,
-    intermediate_size=48,
-    moe_intermediate_size=I,
-    n_routed_experts=E,
-    num_experts_per_tok=K,
-    n_shared_experts=1,
+    **DS_SIZES,
     n_group=2,
     topk_group=1,
     routed_scaling_factor=1.5,
@@ -205,7 +202,7 @@ HYV4_SPEC = MoESpec(
     K,
     H,
     I,
-    router=sigmoid_router(True, 2.827),
+    router=sigmoid_router(renorm=True, routed_scaling=2.827),
     experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP),
     shared=SharedSpec(I),
 )
@@ -228,6 +225,9 @@ SAM_VISION = dict(
 )
 """Tiny SAM tower of the DeepSeek-OCR-2 / Unlimited-OCR vision encoder."""
 
+OCR_ENCODER = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4)
+"""The one-layer encoder sizes that both OCR vision encoders' ``encoder_config`` start with."""
+
 DSV2_NORM_IGNORED = (
     "upstream: DeepseekV2TopkRouter (transformers/models/deepseek_v2/modeling_deepseek_v2.py) never reads the "
     "documented config.norm_topk_prob (modular_deepseek_v2.py: `del self.norm_topk_prob`), so the top-k weights "
@@ -235,7 +235,7 @@ DSV2_NORM_IGNORED = (
 )
 
 
-def kept_groups_xfail(where: str, fill: str = "-inf") -> Expectation:
+def kept_groups_xfail(where: str, *, fill: str = "-inf") -> Expectation:
     """``invalid:kept`` (k beyond the experts of the kept groups): the router fills the masked groups' scores
     with ``fill`` and ``torch.topk`` then picks masked experts; neither the config class nor the block checks k."""
     return Expectation(
@@ -285,12 +285,7 @@ DEEPSEEK_V32 = ArchEntry(
     model_type="deepseek_v32",
     config_class="DeepseekV32Config",
     config_kwargs=dict(
-        hidden_size=H,
-        intermediate_size=48,
-        moe_intermediate_size=I,
-        n_routed_experts=E,
-        num_experts_per_tok=K,
-        n_shared_experts=1,
+        **DS_SIZES,
         n_group=2,
         topk_group=1,
         norm_topk_prob=True,
@@ -303,14 +298,11 @@ DEEPSEEK_V32 = ArchEntry(
         **DSA,
         **ATTENTION,
     ),
-    modeling_module="transformers.models.deepseek_v32.modeling_deepseek_v32",
     block_class="DeepseekV32MoE",
     block_path="model.layers.0.mlp",
     model_class="DeepseekV32ForCausalLM",
-    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
-    params=DSV3_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=2.5), shared=SharedSpec(I)),
+    **DSV3_FIELDS,
     published=(
         Published(
             "deepseek-ai/DeepSeek-V3.2-Exp",
@@ -331,12 +323,7 @@ GLM4_MOE = ArchEntry(
     model_type="glm4_moe",
     config_class="Glm4MoeConfig",
     config_kwargs=dict(
-        hidden_size=H,
-        intermediate_size=48,
-        moe_intermediate_size=I,
-        n_routed_experts=E,
-        num_experts_per_tok=K,
-        n_shared_experts=1,
+        **DS_SIZES,
         n_group=2,
         topk_group=1,
         norm_topk_prob=True,
@@ -347,14 +334,11 @@ GLM4_MOE = ArchEntry(
         head_dim=8,
         **ATTENTION,
     ),
-    modeling_module="transformers.models.glm4_moe.modeling_glm4_moe",
     block_class="Glm4MoeMoE",
     block_path="model.layers.0.mlp",
     model_class="Glm4MoeForCausalLM",
-    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
-    params=DSV3_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=1.5), shared=SharedSpec(I)),
+    **DSV3_FIELDS,
     published=(
         Published(
             "zai-org/GLM-4.5",
@@ -390,16 +374,15 @@ GLM4V_MOE = ArchEntry(
         text_config=dict(GLM4V_TEXT),
         vision_config=dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=32, out_hidden_size=H),
     ),
-    modeling_module="transformers.models.glm4v_moe.modeling_glm4v_moe",
     block_class="Glm4vMoeTextMoE",
     block_path="model.language_model.layers.0.mlp",
     model_class="Glm4vMoeForConditionalGeneration",
     block_config_attr="text_config",
     # Glm4vMoeForConditionalGeneration adds text_config.router_aux_loss_coef × load_balancing_loss_func.
-    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I), losses=SWITCH_AUX),
-    params=DSV3_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    spec=MoESpec(
+        E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=1.5), shared=SharedSpec(I), losses=SWITCH_AUX
+    ),
+    **DSV3_FIELDS,
     aux_coef_attr="text_config.router_aux_loss_coef",
     published=(
         Published(
@@ -442,17 +425,14 @@ DOTS3_NOTE = ArchEntry(
             adapter_out_dim=H,
         ),
     ),
-    modeling_module="transformers.models.dots3_note.modeling_dots3_note",
     block_class="Dots3NoteTextMoE",
     block_path="model.language_model.layers.0.mlp",
     model_class="Dots3NoteForConditionalGeneration",
     block_config_attr="text_config",
-    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.0), shared=SharedSpec(S)),
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=2.0), shared=SharedSpec(S)),
     # modeling_dots3_note.py: shared MLP of shared_experts_intermediate_size × n_shared_experts
     config_fields=(FieldRule("n_shared_experts", "shared_multiple", per="shared_experts_intermediate_size"),),
-    params=DSV3_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    **DSV3_FIELDS,
 )
 
 HY_V4_VL = ArchEntry(
@@ -469,16 +449,13 @@ HY_V4_VL = ArchEntry(
             patch_size=16,
         ),
     ),
-    modeling_module="transformers.models.hy_v4_vl.modeling_hy_v4_vl",
     block_class="HYV4VLMoE",
     block_path="model.language_model.layers.0.mlp",
     model_class="HYV4VLForConditionalGeneration",
     block_config_attr="text_config",
     spec=HYV4_SPEC,
     config_fields=HYV4_FIELDS,
-    params=DSV3_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    **DSV3_FIELDS,
 )
 
 DEEPSEEK_OCR2 = ArchEntry(
@@ -490,26 +467,23 @@ DEEPSEEK_OCR2 = ArchEntry(
         text_config=dict(OCR2_TEXT),
         vision_config=dict(
             sam_config=dict(SAM_VISION),
-            encoder_config=dict(
-                hidden_size=32,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                vocab_size=128,
-            ),
+            encoder_config=dict(OCR_ENCODER, num_key_value_heads=4, vocab_size=128),
         ),
     ),
-    modeling_module="transformers.models.deepseek_ocr2.modeling_deepseek_ocr2",
     block_class="DeepseekOcr2TextMoe",
     block_path="model.language_model.layers.0.mlp",
     model_class="DeepseekOcr2ForConditionalGeneration",
     block_config_attr="text_config",
-    spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 2.0, GREEDY_GROUPS), shared=SharedSpec(I)),
+    spec=MoESpec(
+        E,
+        K,
+        H,
+        I,
+        router=softmax_group_router(renorm=False, routed_scaling=2.0, group_limit=GREEDY_GROUPS),
+        shared=SharedSpec(I),
+    ),
     config_fields=(FieldRule("topk_method", "topk_method"),),
-    params=DSV2_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    **DSV2_FIELDS,
 )
 
 UNLIMITED_OCR = ArchEntry(
@@ -520,25 +494,22 @@ UNLIMITED_OCR = ArchEntry(
         text_config=dict(UNLIMITED_OCR_TEXT),
         vision_config=dict(
             sam_config=dict(SAM_VISION),
-            encoder_config=dict(
-                hidden_size=32,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                image_size=28,
-                patch_size=14,
-            ),
+            encoder_config=dict(OCR_ENCODER, image_size=28, patch_size=14),
         ),
     ),
-    modeling_module="transformers.models.unlimited_ocr.modeling_unlimited_ocr",
     block_class="UnlimitedOcrTextMoe",
     block_path="model.language_model.layers.0.mlp",
     model_class="UnlimitedOcrForConditionalGeneration",
     block_config_attr="text_config",
-    spec=MoESpec(E, K, H, I, router=softmax_group_router(False, 1.5, None), shared=SharedSpec(I)),
-    params=DSV2_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    spec=MoESpec(
+        E,
+        K,
+        H,
+        I,
+        router=softmax_group_router(renorm=False, routed_scaling=1.5, group_limit=None),
+        shared=SharedSpec(I),
+    ),
+    **DSV2_FIELDS,
 )
 
 MISTRAL_LARGE4 = ArchEntry(
@@ -558,15 +529,19 @@ MISTRAL_LARGE4 = ArchEntry(
             patch_size=16,
         ),
     ),
-    modeling_module="transformers.models.mistral_large4.modeling_mistral_large4",
     block_class="MistralLarge4TextMoE",
     block_path="model.language_model.layers.0.mlp",
     model_class="MistralLarge4ForConditionalGeneration",
     block_config_attr="text_config",
-    spec=MoESpec(E, K, H, I, router=softmax_group_router(True, 1.5, ZERO_FILL_GROUPS), shared=SharedSpec(I)),
-    params=DSV2_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    spec=MoESpec(
+        E,
+        K,
+        H,
+        I,
+        router=softmax_group_router(renorm=True, routed_scaling=1.5, group_limit=ZERO_FILL_GROUPS),
+        shared=SharedSpec(I),
+    ),
+    **DSV2_FIELDS,
 )
 
 
@@ -578,12 +553,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_class="Glm4MoeLiteConfig",
         # norm_topk_prob=False: the un-renormalised path of the shared DeepSeek-V3 router.
         config_kwargs=dict(
-            hidden_size=H,
-            intermediate_size=48,
-            moe_intermediate_size=I,
-            n_routed_experts=E,
-            num_experts_per_tok=K,
-            n_shared_experts=1,
+            **DS_SIZES,
             n_group=2,
             topk_group=1,
             norm_topk_prob=False,
@@ -594,20 +564,18 @@ ENTRIES: tuple[ArchEntry, ...] = (
             **MLA,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.glm4_moe_lite.modeling_glm4_moe_lite",
         block_class="Glm4MoeLiteMoE",
         block_path="model.layers.0.mlp",
         model_class="Glm4MoeLiteForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(False, 1.8), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=False, routed_scaling=1.8), shared=SharedSpec(I)),
+        **DSV3_FIELDS,
     ),
     # GLM-5: the DeepSeek-V3.2 block and tiny config under GLM's classes.
     replace(
         DEEPSEEK_V32,
         model_type="glm_moe_dsa",
         config_class="GlmMoeDsaConfig",
+        # replace() keeps DeepSeek-V3.2's module: name GLM-5's (not derived here)
         modeling_module="transformers.models.glm_moe_dsa.modeling_glm_moe_dsa",
         block_class="GlmMoeDsaMoE",
         model_class="GlmMoeDsaForCausalLM",
@@ -618,12 +586,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_class="Dots1Config",
         # norm_topk_prob=False (the config default) keeps the un-renormalised path covered.
         config_kwargs=dict(
-            hidden_size=H,
-            intermediate_size=48,
-            moe_intermediate_size=I,
-            n_routed_experts=E,
-            num_experts_per_tok=K,
-            n_shared_experts=1,
+            **DS_SIZES,
             n_group=2,
             topk_group=1,
             norm_topk_prob=False,
@@ -634,14 +597,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
             head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.dots1.modeling_dots1",
         block_class="Dots1MoE",
         block_path="model.layers.0.mlp",
         model_class="Dots1ForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(False, 2.0), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=False, routed_scaling=2.0), shared=SharedSpec(I)),
+        **DSV3_FIELDS,
     ),
     ArchEntry(
         model_type="kimi_linear",
@@ -664,14 +624,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
             **TOKENS,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.kimi_linear.modeling_kimi_linear",
         block_class="KimiLinearMoE",
         block_path="model.layers.0.mlp",
         model_class="KimiLinearForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.446), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=2.446), shared=SharedSpec(I)),
+        **DSV3_FIELDS,
         published=(
             Published(
                 "moonshotai/Kimi-Linear-48B-A3B-Instruct",
@@ -707,14 +664,11 @@ ENTRIES: tuple[ArchEntry, ...] = (
             **TOKENS,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.bailing_hybrid.modeling_bailing_hybrid",
         block_class="BailingHybridMoE",
         block_path="model.layers.0.mlp",
         model_class="BailingHybridForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=2.5), shared=SharedSpec(I)),
+        **DSV3_FIELDS,
     ),
     ArchEntry(
         model_type="solar_open",
@@ -734,26 +688,18 @@ ENTRIES: tuple[ArchEntry, ...] = (
             head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.solar_open.modeling_solar_open",
         block_class="SolarOpenMoE",
         block_path="model.layers.0.mlp",
         model_class="SolarOpenForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=1.5), shared=SharedSpec(I)),
+        **DSV3_FIELDS,
     ),
     ArchEntry(
         model_type="axk1",
         config_class="AXK1Config",
         # The block ends with its own RMSNorm (post_mlp_layernorm) on routed + shared output.
         config_kwargs=dict(
-            hidden_size=H,
-            intermediate_size=48,
-            moe_intermediate_size=I,
-            n_routed_experts=E,
-            num_experts_per_tok=K,
-            n_shared_experts=1,
+            **DS_SIZES,
             n_group=2,
             topk_group=1,
             norm_topk_prob=True,
@@ -766,11 +712,18 @@ ENTRIES: tuple[ArchEntry, ...] = (
             **TOKENS,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.axk1.modeling_axk1",
         block_class="AXK1MoE",
         block_path="model.layers.0.mlp",
         model_class="AXK1ForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I), output_norm_eps=1e-6),
+        spec=MoESpec(
+            E,
+            K,
+            H,
+            I,
+            router=sigmoid_router(renorm=True, routed_scaling=2.5),
+            shared=SharedSpec(I),
+            output_norm_eps=1e-6,
+        ),
         params=DSV3_BLOCK + (Binding("post_mlp_layernorm.weight", ("output_norm.weight",)),),
         router_path="gate",
         experts_path="experts",
@@ -780,12 +733,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_class="AXK2Config",
         # AXK2 fills the masked groups with 0.0, not -inf (intentional upstream, "to match reference").
         config_kwargs=dict(
-            hidden_size=H,
-            intermediate_size=48,
-            moe_intermediate_size=I,
-            n_routed_experts=E,
-            num_experts_per_tok=K,
-            n_shared_experts=1,
+            **DS_SIZES,
             n_group=2,
             topk_group=1,
             norm_topk_prob=True,
@@ -799,14 +747,18 @@ ENTRIES: tuple[ArchEntry, ...] = (
             **TOKENS,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.axk2.modeling_axk2",
         block_class="AXK2MoE",
         block_path="model.layers.0.mlp",
         model_class="AXK2ForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5, ZERO_FILL_GROUPS), shared=SharedSpec(I)),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        spec=MoESpec(
+            E,
+            K,
+            H,
+            I,
+            router=sigmoid_router(renorm=True, routed_scaling=2.5, group_limit=ZERO_FILL_GROUPS),
+            shared=SharedSpec(I),
+        ),
+        **DSV3_FIELDS,
     ),
     ArchEntry(
         model_type="mimo_v2_flash",
@@ -829,11 +781,10 @@ ENTRIES: tuple[ArchEntry, ...] = (
             v_head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.mimo_v2_flash.modeling_mimo_v2_flash",
         block_class="MiMoV2FlashMoE",
         block_path="model.layers.0.mlp",
         model_class="MiMoV2FlashForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5)),
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=1.5)),
         params=BIASED_GATE + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",
@@ -842,15 +793,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="hy_v4",
         config_class="HYV4Config",
         config_kwargs=HYV4_TEXT,
-        modeling_module="transformers.models.hy_v4.modeling_hy_v4",
         block_class="HYV4MoE",
         block_path="model.layers.0.mlp",
         model_class="HYV4ForCausalLM",
         spec=HYV4_SPEC,
         config_fields=HYV4_FIELDS,
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        **DSV3_FIELDS,
     ),
     ArchEntry(
         model_type="exaone_moe",
@@ -873,15 +821,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
             head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.exaone_moe.modeling_exaone_moe",
         block_class="ExaoneMoeSparseMoEBlock",
         block_path="model.layers.0.mlp",
         model_class="ExaoneMoeForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), shared=SharedSpec(I)),
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=2.5), shared=SharedSpec(I)),
         config_fields=(FieldRule("num_shared_experts", "shared_multiple"),),
-        params=DSV3_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        **DSV3_FIELDS,
     ),
     ArchEntry(
         model_type="beam",
@@ -903,11 +848,10 @@ ENTRIES: tuple[ArchEntry, ...] = (
             head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.beam.modeling_beam",
         block_class="BeamMoE",
         block_path="model.layers.0.mlp",
         model_class="BeamForCausalLM",
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5, site="output")),
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=2.5, scaling_site="output")),
         params=BIASED_GATE + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",
@@ -919,12 +863,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_class="SarvamMLAConfig",
         published=(),  # DeepSeek-V3's checkpoints are not Sarvam's
         config_kwargs=dict(
-            hidden_size=H,
-            intermediate_size=48,
-            moe_intermediate_size=I,
-            n_routed_experts=E,
-            num_experts_per_tok=K,
-            n_shared_experts=1,
+            **DS_SIZES,
             n_group=2,
             topk_group=1,
             norm_topk_prob=True,
@@ -942,7 +881,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="sarvam_moe",
         config_class="SarvamMoEConfig",
         config_kwargs=dict(GLM4_MOE.config_kwargs, norm_topk_prob=False, routed_scaling_factor=2.5),
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(False, 2.5), shared=SharedSpec(I)),
+        spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=False, routed_scaling=2.5), shared=SharedSpec(I)),
         published=(),  # GLM-4.5's checkpoints are not Sarvam's
     ),
     ArchEntry(
@@ -950,12 +889,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         config_class="Mistral4Config",
         # Softmax in the model dtype, group score = sum of top-2, masked groups filled with 0.0.
         config_kwargs=dict(
-            hidden_size=H,
-            intermediate_size=48,
-            moe_intermediate_size=I,
-            n_routed_experts=E,
-            num_experts_per_tok=K,
-            n_shared_experts=1,
+            **DS_SIZES,
             n_group=2,
             topk_group=1,
             norm_topk_prob=True,
@@ -967,14 +901,18 @@ ENTRIES: tuple[ArchEntry, ...] = (
             rope_parameters=ROPE,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.mistral4.modeling_mistral4",
         block_class="Mistral4MoE",
         block_path="model.layers.0.mlp",
         model_class="Mistral4ForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_group_router(True, 1.5, ZERO_FILL_GROUPS), shared=SharedSpec(I)),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        spec=MoESpec(
+            E,
+            K,
+            H,
+            I,
+            router=softmax_group_router(renorm=True, routed_scaling=1.5, group_limit=ZERO_FILL_GROUPS),
+            shared=SharedSpec(I),
+        ),
+        **DSV2_FIELDS,
     ),
     ArchEntry(
         model_type="deepseek_v2",
@@ -982,12 +920,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         # norm_topk_prob=True is documented ("Whether to normalize the weights of the routed experts") but
         # DeepseekV2TopkRouter.forward never reads it: the spec renormalises, the block does not.
         config_kwargs=dict(
-            hidden_size=H,
-            intermediate_size=48,
-            moe_intermediate_size=I,
-            n_routed_experts=E,
-            num_experts_per_tok=K,
-            n_shared_experts=1,
+            **DS_SIZES,
             topk_method="group_limited_greedy",
             n_group=2,
             topk_group=1,
@@ -999,15 +932,19 @@ ENTRIES: tuple[ArchEntry, ...] = (
             **MLA,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.deepseek_v2.modeling_deepseek_v2",
         block_class="DeepseekV2Moe",
         block_path="model.layers.0.mlp",
         model_class="DeepseekV2ForCausalLM",
-        spec=MoESpec(E, K, H, I, router=softmax_group_router(True, 2.0, GREEDY_GROUPS), shared=SharedSpec(I)),
+        spec=MoESpec(
+            E,
+            K,
+            H,
+            I,
+            router=softmax_group_router(renorm=True, routed_scaling=2.0, group_limit=GREEDY_GROUPS),
+            shared=SharedSpec(I),
+        ),
         config_fields=(FieldRule("topk_method", "topk_method"),),
-        params=DSV2_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        **DSV2_FIELDS,
         published=(
             Published(
                 "deepseek-ai/DeepSeek-V2",
@@ -1116,8 +1053,8 @@ ENTRIES: tuple[ArchEntry, ...] = (
 )
 
 ENTRIES = tuple(
-    replace(e, expectations=e.expectations + (kept_groups_xfail(*KEPT_GROUPS_TOPK[e.model_type]),))
-    if e.model_type in KEPT_GROUPS_TOPK
+    replace(e, expectations=e.expectations + (kept_groups_xfail(kept[0], fill=kept[1]),))
+    if (kept := KEPT_GROUPS_TOPK.get(e.model_type))
     else e
     for e in ENTRIES
 )

@@ -92,7 +92,9 @@ class Expectation:
         if self.releases is not None:
             release_range(self.releases)  # raises on a malformed or empty range, at import time
         if self.check is not None and self.check not in CHECK_NAMES:
-            raise ValueError(f"Expectation names an unknown check {self.check!r}; checks: {', '.join(sorted(CHECK_NAMES))}")
+            raise ValueError(
+                f"Expectation names an unknown check {self.check!r}; checks: {', '.join(sorted(CHECK_NAMES))}"
+            )
 
     def matches(self, check: str, backend: str, dtype: str, device: str, case: str | None = None) -> bool:
         """Whether it applies; a case-limited declaration applies only where the case is known."""

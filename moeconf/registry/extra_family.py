@@ -13,7 +13,9 @@ whose spec omits the clamp or the cap fails), see ``CLAMP`` and ``SOFTCAP_*``.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+from moeconf.registry.config_space import FieldRule, Published
 from moeconf.registry.core import (
     ATTENTION,
     FUSED_EXPERTS,
@@ -27,8 +29,7 @@ from moeconf.registry.core import (
     shared_mlp,
     softmax_topk,
 )
-from moeconf.registry.deepseek_family import BIASED_GATE, ROPE, TOKENS, kept_groups_xfail, sigmoid_router
-from moeconf.registry.config_space import FieldRule, Published
+from moeconf.registry.deepseek_family import BIASED_GATE, DS_SIZES, ROPE, TOKENS, kept_groups_xfail, sigmoid_router
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.registry.softmax_family import GATE, QWEN3_OMNI_THINKER
 from moeconf.spec import ExpertSpec, LossSpec, MoESpec, RouterSpec, SharedSpec
@@ -81,12 +82,7 @@ NEMOTRON_H = dict(
 # --- GLM-5-Next ----------------------------------------------------------------------------------------
 
 GLM5_NEXT_TEXT = dict(
-    hidden_size=H,
-    intermediate_size=48,
-    moe_intermediate_size=I,
-    n_routed_experts=E,
-    num_experts_per_tok=K,
-    n_shared_experts=1,
+    **DS_SIZES,
     n_group=2,
     topk_group=1,
     norm_topk_prob=True,
@@ -117,7 +113,7 @@ GLM5_NEXT_TEXT = dict(
 """GLM-5-Next text config: one DSA attention layer (NoPE: ``qk_rope_head_dim=0`` is required), one MoE."""
 
 GLM5_NEXT_SPEC = dict(
-    router=sigmoid_router(True, 1.5),
+    router=sigmoid_router(renorm=True, routed_scaling=1.5),
     experts=ExpertSpec(glu="clamped_swiglu", gptoss_limit=CLAMP),
     # Shared width = moe_intermediate_size × n_shared_experts; Glm5NextTextMLP clamps like the experts (its act is
     # hidden_act, silu here; the experts hard-code F.silu).
@@ -274,7 +270,6 @@ GLM5_NEXT = ArchEntry(
             projection_intermediate_size=32,
         ),
     ),
-    modeling_module="transformers.models.glm5_next.modeling_glm5_next",
     block_class="Glm5NextTextMoE",
     block_path="model.language_model.layers.0.mlp",
     model_class="Glm5NextForConditionalGeneration",
@@ -303,7 +298,6 @@ MINIMAX_M3_VL = ArchEntry(
         ),
         projector_hidden_size=32,
     ),
-    modeling_module="transformers.models.minimax_m3_vl.modeling_minimax_m3_vl",
     block_class="MiniMaxM3VLSparseMoeBlock",
     block_path="model.language_model.layers.0.mlp",
     model_class="MiniMaxM3SparseForConditionalGeneration",
@@ -323,31 +317,38 @@ MINIMAX_M3_VL = ArchEntry(
     aux_coef_attr="text_config.router_aux_loss_coef",
 )
 
-INKLING2 = ArchEntry(
-    model_type="inkling2",
-    config_class="Inkling2Config",
-    config_kwargs=dict(
-        text_config=INKLING2_TEXT,
-        vision_config=dict(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            patch_size=4,
-            posemb_grid_size=4,
-            projection_hidden_dim=32,
-            text_hidden_size=H,
-        ),
-    ),
-    modeling_module="transformers.models.inkling2.modeling_inkling2",
-    block_class="Inkling2SparseMoeBlock",
-    block_path="model.language_model.layers.0.mlp",
-    model_class="Inkling2ForConditionalGeneration",
+INKLING2_VISION = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    patch_size=4,
+    posemb_grid_size=4,
+    projection_hidden_dim=32,
+    text_hidden_size=H,
+)
+"""The one-layer Inkling-2 vision tower of both composites (only built, never run)."""
+
+INKLING2_BLOCK_FIELDS: dict[str, Any] = dict(
     block_config_attr="text_config",
     spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
     config_fields=INKLING2_FIELDS,
     params=INKLING2_PARAMS,
     router_path="gate",
     experts_path="experts",
+)
+"""The text MoE block's own fields, the same in ``inkling2`` and ``inkling2_loop``."""
+
+INKLING2 = ArchEntry(
+    model_type="inkling2",
+    config_class="Inkling2Config",
+    config_kwargs=dict(
+        text_config=INKLING2_TEXT,
+        vision_config=dict(INKLING2_VISION),
+    ),
+    block_class="Inkling2SparseMoeBlock",
+    block_path="model.language_model.layers.0.mlp",
+    model_class="Inkling2ForConditionalGeneration",
+    **INKLING2_BLOCK_FIELDS,
 )
 
 INKLING2_LOOP = ArchEntry(
@@ -355,27 +356,12 @@ INKLING2_LOOP = ArchEntry(
     config_class="Inkling2LoopConfig",
     config_kwargs=dict(
         text_config=INKLING2_LOOP_TEXT,
-        vision_config=dict(
-            model_type="inkling2_vision",
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            patch_size=4,
-            posemb_grid_size=4,
-            projection_hidden_dim=32,
-            text_hidden_size=H,
-        ),
+        vision_config=dict(model_type="inkling2_vision", **INKLING2_VISION),
     ),
-    modeling_module="transformers.models.inkling2_loop.modeling_inkling2_loop",
     block_class="Inkling2LoopSparseMoeBlock",
     block_path="model.language_model.layers.0.mlp",
     model_class="Inkling2LoopForConditionalGeneration",
-    block_config_attr="text_config",
-    spec=MoESpec(E, K, H, I, **INKLING2_SPEC),
-    config_fields=INKLING2_FIELDS,
-    params=INKLING2_PARAMS,
-    router_path="gate",
-    experts_path="experts",
+    **INKLING2_BLOCK_FIELDS,
 )
 
 ENTRIES: tuple[ArchEntry, ...] = (
@@ -383,12 +369,19 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="nemotron_h",
         config_class="NemotronHConfig",
         config_kwargs=NEMOTRON_H,
-        modeling_module="transformers.models.nemotron_h.modeling_nemotron_h",
         block_class="NemotronHMoE",
         block_path="model.layers.1.mixer",
         model_class="NemotronHForCausalLM",
         # DeepSeek-V3 router; non-gated relu² routed experts and an (always present) non-gated relu² shared MLP.
-        spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 2.5), experts=RELU2, shared=SharedSpec(S, mlp=RELU2)),
+        spec=MoESpec(
+            E,
+            K,
+            H,
+            I,
+            router=sigmoid_router(renorm=True, routed_scaling=2.5),
+            experts=RELU2,
+            shared=SharedSpec(S, mlp=RELU2),
+        ),
         config_fields=(
             FieldRule("moe_shared_expert_intermediate_size", "shared_intermediate"),
             FieldRule(
@@ -432,7 +425,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
         model_type="openai_privacy_filter",
         config_class="OpenAIPrivacyFilterConfig",
         config_kwargs=PRIVACY_FILTER,
-        modeling_module="transformers.models.openai_privacy_filter.modeling_openai_privacy_filter",
         block_class="OpenAIPrivacyFilterMLP",
         block_path="layers.0.mlp",
         # A token-classification encoder: no aux loss.
@@ -478,13 +470,12 @@ ENTRIES: tuple[ArchEntry, ...] = (
         # enable_audio_output=False: no talker / code2wav. The default talker does not build: its text config has
         # no shared_expert_intermediate_size, which the talker's sparse block reads (transformers 5.24).
         config_kwargs=dict(thinker_config=QWEN3_OMNI_THINKER, enable_audio_output=False),
-        modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
         block_class="Qwen3OmniMoeThinkerTextSparseMoeBlock",
         block_path="thinker.model.language_model.layers.0.mlp",
         model_class="Qwen3OmniMoeForConditionalGeneration",
         block_config_attr="thinker_config.text_config",
         # The thinker (Qwen3OmniMoeThinkerForConditionalGeneration) adds the aux loss.
-        spec=MoESpec(E, K, H, I, router=softmax_topk("always"), losses=SWITCH_AUX),
+        spec=MoESpec(E, K, H, I, router=softmax_topk(renorm="always"), losses=SWITCH_AUX),
         params=GATE + FUSED_EXPERTS,
         router_path="gate",
         experts_path="experts",

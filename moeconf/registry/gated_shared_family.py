@@ -132,7 +132,7 @@ DOTS3_NOTE_VISION = ArchEntry(
     block_init="config_and_layer_idx",
     # Dots3NoteVisionTopKRouter.forward: sigmoid(fp32 logits), top-k of scores + bias, unbiased scores
     # / (Σ + 1e-20) × router_scaling_factor (modeling_dots3_note.py:1305-1319): R3 without groups.
-    spec=MoESpec(E, K, H, I, router=sigmoid_router(True, 1.5, group=None)),
+    spec=MoESpec(E, K, H, I, router=sigmoid_router(renorm=True, routed_scaling=1.5, group_limit=None)),
     params=GATE + BLOCK_BIAS + FUSED_EXPERTS,
     router_path="gate",
     experts_path="experts",

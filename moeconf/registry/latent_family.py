@@ -115,7 +115,6 @@ MUSE_SPARK = ArchEntry(
         "out_hidden_size": 32,
         "projector_hidden_size": 32,
     },
-    modeling_module="transformers.models.muse_spark.modeling_muse_spark",
     block_class="MuseSparkMoE",
     block_path="model.language_model.layers.0.mlp",
     model_class="MuseSparkForConditionalGeneration",

@@ -20,9 +20,8 @@ from moeconf.registry.versions import in_releases, release_range
 from moeconf.spec import GroupLimit
 
 
-def per_expert(names: tuple[str, str, str]) -> tuple[Binding, ...]:
+def per_expert(*, gate: str, up: str, down: str) -> tuple[Binding, ...]:
     """Bindings of ``experts.{e}.<gate>/<up>/<down>.weight`` for every expert ``e``."""
-    gate, up, down = names
     return tuple(
         Binding(f"experts.{e}.{module}.weight", (canonical,), expert=e)
         for e in range(E)
@@ -55,14 +54,15 @@ def none_grads_of_unrouted_experts(where: str) -> tuple[Expectation, ...]:
 LEGACY_4X: dict[str, dict[str, Any]] = {
     # 4.57: router is a bare nn.Linear (records logits); routing happens inside the block's forward.
     "mixtral": dict(
-        params=(Binding("gate.weight", ("router.weight",)),) + per_expert(("w1", "w3", "w2")),
+        params=(Binding("gate.weight", ("router.weight",)),) + per_expert(gate="w1", up="w3", down="w2"),
         router_logits_index=None,
         routing_from="none",
         experts_implementations=("eager",),
         expectations=none_grads_of_unrouted_experts("MixtralSparseMoeBlock.forward (modeling_mixtral.py:125-126)"),
     ),
     "qwen3_moe": dict(
-        params=(Binding("gate.weight", ("router.weight",)),) + per_expert(("gate_proj", "up_proj", "down_proj")),
+        params=(Binding("gate.weight", ("router.weight",)),)
+        + per_expert(gate="gate_proj", up="up_proj", down="down_proj"),
         router_logits_index=None,
         routing_from="none",
         experts_implementations=("eager",),
@@ -74,7 +74,7 @@ LEGACY_4X: dict[str, dict[str, Any]] = {
             Binding("gate.weight", ("router.weight",)),
             Binding("gate.e_score_correction_bias", ("router.selection_bias",)),
         )
-        + per_expert(("gate_proj", "up_proj", "down_proj"))
+        + per_expert(gate="gate_proj", up="up_proj", down="down_proj")
         + SHARED_MLP,
         routing_from="router_index_weights",
         experts_implementations=("eager",),
@@ -213,7 +213,7 @@ AFMOE_MODULE_LIST = ReleaseOverride(
             Binding("router.gate.weight", ("router.weight",)),
             Binding("expert_bias", ("router.selection_bias",)),
         )
-        + per_expert(("gate_proj", "up_proj", "down_proj"))
+        + per_expert(gate="gate_proj", up="up_proj", down="down_proj")
         + shared_mlp("shared_experts"),
         experts_implementations=("eager",),  # an nn.ModuleList: no experts implementation to switch
     ),

@@ -9,6 +9,8 @@ with reasons, in ``moeconf.tools.coverage.DECLARED_UNSUPPORTED``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from moeconf.registry.config_space import FieldRule, Published
 from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
@@ -38,6 +40,9 @@ EXPERT_BIAS = (Binding("expert_bias", ("router.selection_bias",)),)
 
 BIASED_BLOCK = GATE + GATE_BIAS + FUSED_EXPERTS + shared_mlp("shared_experts")
 """DeepSeek-V3-style block: ``gate`` with its selection bias, fused experts, gate/up/down ``shared_experts``."""
+
+BIASED_FIELDS: dict[str, Any] = dict(params=BIASED_BLOCK, router_path="gate", experts_path="experts")
+"""The bindings and module names of a ``BIASED_BLOCK`` (router ``gate``, experts ``experts``)."""
 
 SWIGLU_LIMIT = 3.0
 """Clamp limit of the clamped experts: a few of the tiny O(1) activations exceed it (so fp32 checks the
@@ -82,7 +87,6 @@ STEP3P7 = ArchEntry(
         text_config=STEP3P7_TEXT,
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14),
     ),
-    modeling_module="transformers.models.step3p7.modeling_step3p7",
     block_class="Step3p7SparseMoeBlock",
     block_path="model.language_model.layers.0.mlp",
     model_class="Step3p7ForConditionalGeneration",
@@ -100,9 +104,7 @@ STEP3P7 = ArchEntry(
         FieldRule("moe_router_scaling_factor", "routed_scaling"),
         FieldRule("share_expert_dim", "shared_intermediate"),
     ),
-    params=BIASED_BLOCK,
-    router_path="gate",
-    experts_path="experts",
+    **BIASED_FIELDS,
     block_init="config_and_layer_idx",
     experts_implementations=("eager",),
 )
@@ -124,7 +126,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.minimax_m2.modeling_minimax_m2",
         block_class="MiniMaxM2SparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="MiniMaxM2ForCausalLM",
@@ -163,7 +164,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.hy_v3.modeling_hy_v3",
         block_class="HYV3MoE",
         block_path="model.layers.0.mlp",
         model_class="HYV3ForCausalLM",
@@ -199,7 +199,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.laguna.modeling_laguna",
         block_class="LagunaSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="LagunaForCausalLM",
@@ -216,9 +215,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
             FieldRule("moe_routed_scaling_factor", "routed_scaling"),
             FieldRule("moe_router_logit_softcapping", "logit_softcap_or_zero"),
         ),
-        params=BIASED_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        **BIASED_FIELDS,
         aux_coef_attr="router_aux_loss_coef",
     ),
     ArchEntry(
@@ -241,7 +238,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             global_attn_every_n_layers=1,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.afmoe.modeling_afmoe",
         block_class="AfmoeSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="AfmoeForCausalLM",
@@ -285,7 +281,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             layer_types=["full_attention", "conv"],
             **ATTENTION,
         ),
-        modeling_module="transformers.models.lfm2_moe.modeling_lfm2_moe",
         block_class="Lfm2MoeSparseMoeBlock",
         block_path="model.layers.1.feed_forward",
         model_class="Lfm2MoeForCausalLM",
@@ -333,7 +328,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             vocab_size=128,
             max_position_embeddings=64,
         ),
-        modeling_module="transformers.models.deepseek_v4.modeling_deepseek_v4",
         block_class="DeepseekV4SparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="DeepseekV4ForCausalLM",
@@ -353,9 +347,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
             FieldRule("swiglu_limit", "swiglu_limit"),
             FieldRule("swiglu_limit", "shared_swiglu_limit"),
         ),
-        params=BIASED_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        **BIASED_FIELDS,
         block_init="config_and_layer_idx",
         aux_coef_attr="router_aux_loss_coef",
         expectations=tuple(
@@ -406,7 +398,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.flint.modeling_flint",
         block_class="FlintSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="FlintForCausalLM",
@@ -432,7 +423,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             sliding_window=16,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.kolibri1.modeling_kolibri1",
         block_class="Kolibri1SparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="Kolibri1ForCausalLM",
@@ -444,9 +434,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
             router=sigmoid_router(select_on="logits", weight_from="sigmoid_of_selected_logits"),
             shared=SharedSpec(S),
         ),
-        params=BIASED_BLOCK,
-        router_path="gate",
-        experts_path="experts",
+        **BIASED_FIELDS,
     ),
     ArchEntry(
         model_type="ernie4_5_moe",
@@ -469,7 +457,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             output_router_logits=True,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.ernie4_5_moe.modeling_ernie4_5_moe",
         block_class="Ernie4_5_MoeSparseMoeBlock",
         block_path="model.layers.0.mlp",
         model_class="Ernie4_5_MoeForCausalLM",
@@ -523,7 +510,6 @@ ENTRIES: tuple[ArchEntry, ...] = (
             v_head_dim=8,
             **ATTENTION,
         ),
-        modeling_module="transformers.models.longcat_flash.modeling_longcat_flash",
         block_class="LongcatFlashMoE",
         block_path="model.layers.0.mlp",
         model_class="LongcatFlashForCausalLM",

@@ -55,7 +55,7 @@ ERNIE_VL_TEXT = dict(
 TINY_VISION_ERNIE = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=4, spatial_merge_size=2)
 
 
-def _ernie_router(prefix: str, token_set: int) -> tuple[Binding, ...]:
+def _ernie_router(prefix: str, *, token_set: int) -> tuple[Binding, ...]:
     """One sub-MoE's router weight and its ``moe_statics`` selection bias (a frozen ``[1, E]`` Parameter:
     ``flat_experts`` is the ``[E]`` ↔ ``[1, E]`` reshape)."""
     q = "" if token_set == 0 else f"@{token_set}"
@@ -65,7 +65,7 @@ def _ernie_router(prefix: str, token_set: int) -> tuple[Binding, ...]:
     )
 
 
-def _ernie_experts(prefix: str, token_set: int) -> tuple[Binding, ...]:
+def _ernie_experts(prefix: str, *, token_set: int) -> tuple[Binding, ...]:
     q = "" if token_set == 0 else f"@{token_set}"
     return (
         Binding(f"{prefix}.experts.gate_up_proj", (f"experts.w_gate{q}", f"experts.w_up{q}"), "gate_up_rows"),
@@ -104,7 +104,6 @@ ERNIE4_5_VL_MOE = ArchEntry(
     model_type="ernie4_5_vl_moe",
     config_class="Ernie4_5_VLMoeConfig",
     config_kwargs=dict(text_config=ERNIE_VL_TEXT, vision_config=TINY_VISION_ERNIE),
-    modeling_module="transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe",
     block_class="Ernie4_5_VLMoeMoeBlock",
     block_path="model.language_model.layers.0.mlp",
     model_class="Ernie4_5_VLMoeForConditionalGeneration",
@@ -118,10 +117,10 @@ ERNIE4_5_VL_MOE = ArchEntry(
         # Ernie4_5_VLMoeMoeTopKRouter: weights / clamp(Σ, min=moe_norm_min)
         FieldRule("moe_norm_min", "renorm_eps"),
     ),
-    params=_ernie_router("text_moe", 0)
-    + _ernie_experts("text_moe", 0)
-    + _ernie_router("vision_moe", 1)
-    + _ernie_experts("vision_moe", 1)
+    params=_ernie_router("text_moe", token_set=0)
+    + _ernie_experts("text_moe", token_set=0)
+    + _ernie_router("vision_moe", token_set=1)
+    + _ernie_experts("vision_moe", token_set=1)
     + shared_mlp("shared_experts"),
     # The block returns (output, router_logits): index 1 of its own output is what the model records
     # (`OutputRecorder(Ernie4_5_VLMoeMoeBlock, index=1)`, modeling:689); each sub-MoE's gate returns
