@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from moeconf.backends.base import StepsObservation
 import torch
 
+from moeconf.backends.base import StepsObservation
 from moeconf.harness.checks import TOLERANCES, Outcome, Tolerance, compare, merge
 from moeconf.harness.steps import StepsReference
 

@@ -73,7 +73,10 @@ def _kwargs_for(entry: ArchEntry, sample: ConfigSample) -> dict[str, Any]:
     kwargs = copy.deepcopy(entry.config_kwargs)
     target = kwargs if entry.block_config_attr is None else _sub(kwargs, entry.block_config_attr)
     aliases = _aliases(entry)
+    ruled = {r.field for r in field_rules(entry)}
     for field, value in sample.values:
+        if field not in ruled and sample.kind != "invalid":
+            continue  # a field this release's config does not have (the sample is written for the latest)
         for alias in [k for k, v in aliases.items() if v == field and k in target]:
             del target[alias]  # the tiny kwargs may spell the field by an alias, which would win over a removal
         if sample.kind == "default" and value is None:  # the class default
@@ -122,7 +125,8 @@ def _resolved(entry: ArchEntry, sample: ConfigSample, config: Any | None) -> tup
     return tuple(
         dataclasses.replace(x, when=(), config=None)
         for x in entry.expectations
-        if x.config in (None, sample.name) and (not x.when or (config is not None and _holds(x.when, config)))
+        if x.config in (None, sample.name, sample.kind)
+        and (not x.when or (config is not None and _holds(x.when, config)))
     )
 
 

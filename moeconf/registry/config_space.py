@@ -301,7 +301,9 @@ def config_rules(
     """The fields of ``config`` that set the spec, in ``TARGETS`` order: the entry's ``own`` rules, then
     the first ``COMMON_FIELDS`` name of every other target that ``config`` has and ``template`` has a
     place for. A field an own rule declares ``None`` is left out."""
-    own = tuple(own)
+    # an own rule whose field this release's config lacks (GPT-OSS's swiglu_alpha before it was a field)
+    # rules nothing here: the block of that release does not read it
+    own = tuple(r for r in own if r.target is None or _has(config, r.field))
     declared = {r.field for r in own}
     ruled = {r.target for r in own if r.target is not None}
     rules = [r for r in own if r.target is not None]

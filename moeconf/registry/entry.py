@@ -83,7 +83,8 @@ class Expectation:
     releases: str | None = None
     case: str | None = None
     config: str | None = None
-    """The config sample (``--config`` name, e.g. ``"invalid:kept"``) it is limited to; None: every sample."""
+    """The config sample it is limited to, by name (``"invalid:kept"``) or kind (``"published"``); None: every
+    sample."""
     when: tuple[tuple[str, Any], ...] = ()
     """Block-config values under which it holds (``(("norm_topk_prob", True),)``): a bug that only a config
     with those values reaches. ``moeconf.hf.configs.at_config`` keeps it for the samples that have them."""

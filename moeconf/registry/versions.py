@@ -99,6 +99,11 @@ ADDED_IN: dict[str, str] = {
 }
 
 
+WRITTEN_AGAINST = Version("5.24.0")
+"""The release the registry's config fields (``config_space``) and published samples are written against:
+on an older one a config sample its config class cannot build is skipped with the reason, not an error."""
+
+
 @functools.lru_cache(maxsize=1)
 def _installed() -> Version:
     return Version(_dist_version("transformers"))
