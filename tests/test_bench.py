@@ -397,4 +397,4 @@ def test_a_backend_failing_parity_is_not_timed_with_the_check_named(tmp_path: Pa
     (row,) = json.loads(out.read_text())["results"]
     assert row["status"] == "not_timed" and row["median_s"] is None and row["tokens_per_s"] is None
     assert "output" in row["message"] and "grad_experts" in row["message"]
-    assert "moeconf check --arch mixtral --backend tests.seeded:gate_up_swapped" in row["message"]
+    assert "moeconf check --arch mixtral --config tiny --backend tests.seeded:gate_up_swapped" in row["message"]

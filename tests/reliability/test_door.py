@@ -38,7 +38,7 @@ from tests.reliability import door_backends
 
 ROOT = Path(__file__).resolve().parents[2]
 DOOR = "tests.reliability.door_backends"
-ONE_CASE = ["--arch", "mixtral", "--case", "random"]
+ONE_CASE = ["--arch", "mixtral", "--config", "tiny", "--case", "random"]
 START_S = 180.0  # a fresh interpreter imports torch + transformers: slow on a loaded 2-core machine
 
 
@@ -280,7 +280,7 @@ def test_output_is_checked_first_and_nothing_is_written(
 
 def test_repeated_names_run_once(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
-    args = ["--arch", "mixtral", "mixtral", "--case", "random", "random", "--dtype", "fp32", "fp32"]
+    args = ["--arch", "mixtral", "mixtral", "--config", "tiny", "--case", "random", "random", "--dtype", "fp32", "fp32"]
     args += ["--backend", "hf-eager", "hf-eager", "--check", "output", "routing", "output"]
     assert main(["check", *args, "--output", str(report), "--quiet"]) == 0  # format from the suffix
     results = json.loads(report.read_text())["results"]
@@ -473,7 +473,7 @@ def test_multi_rank_evidence_is_cut_in_text_and_whole_in_json() -> None:
 
 
 def test_identical_failures_collapse_to_one_cause_with_a_repro_per_case(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--arch", "mixtral", "qwen2_moe", "--case", "random", "single_token"]
+    args = ["--arch", "mixtral", "qwen2_moe", "--config", "tiny", "--case", "random", "single_token"]
     assert main(["check", *args, "--backend", f"{DOOR}:RaisesImportError", "--quiet"]) == 1
     out = capsys.readouterr().out
     causes = [line for line in out.splitlines() if line.startswith("- ERROR")]
@@ -484,7 +484,8 @@ def test_identical_failures_collapse_to_one_cause_with_a_repro_per_case(capsys: 
 
 
 def test_skip_reasons_are_listed_once_with_counts(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--arch", "dbrx", "mixtral", "--backend", "hf-grouped-mm", "--case", "random"]) == 0
+    args = ["--arch", "dbrx", "mixtral", "--config", "tiny", "--backend", "hf-grouped-mm", "--case", "random"]
+    assert main(["check", *args]) == 0
     out, err = capsys.readouterr()
     skip_lines = [line for line in out.splitlines() if line.startswith("- ") and "(hf-grouped-mm)" in line]
     assert len(skip_lines) == 1 and skip_lines[0].startswith("- 8 records (hf-grouped-mm): "), out

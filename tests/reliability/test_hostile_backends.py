@@ -329,7 +329,7 @@ def test_a_missing_or_short_steps_observation_errors_the_partition_checks(backen
 # --- CLI: exit 1, a complete JSON report, no traceback -----------------------------------------------------
 def _cli(backend: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
     report = tmp_path / "report.json"
-    args = ["check", "--arch", *ARCHS, "--backend", hostile(backend), "--case", "random", "single_token"]
+    args = ["check", "--arch", *ARCHS, "--config", "tiny", "--backend", hostile(backend), "--case", "random", "single_token"]
     args += ["--format", "json", "--output", str(report), "--quiet", *extra]
     proc = subprocess.run(
         [sys.executable, "-m", "moeconf", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False

@@ -26,6 +26,10 @@ def test_parity(arch: str, backend: str, dtype: str) -> None:
     run_and_judge(Selection(archs=(arch,), backends=(backend,), dtypes=(dtype,), device=MATRIX.device))
 
 
+SUITE_HYPOTHESIS_EXAMPLES = 2
+SUITE_SAMPLE_CASES = ("random", "empty_expert")
+
+
 @pytest.mark.parametrize("arch", MATRIX.archs)
 def test_config_samples(arch: str) -> None:
     """The architecture at its class defaults, its released checkpoints' values, seeded hypothesis draws and
@@ -43,5 +47,11 @@ def test_config_samples(arch: str) -> None:
             dtypes=("fp32",),
             device=MATRIX.device,
             configs=MATRIX.configs,
+            # two draws per entry, plus the draws that give every routing field a second value (the coverage
+            # rule): the CPU session stays within its 5 minutes; `moeconf check --config hypothesis` runs 4
+            hypothesis_examples=SUITE_HYPOTHESIS_EXAMPLES,
+            # the padded batch and the idle expert (exact-zero gradients); the single token and the all-on-expert-0
+            # batch run at every backend and dtype at the tiny config, and every case under `moeconf check --config`
+            cases=SUITE_SAMPLE_CASES,
         )
     )
