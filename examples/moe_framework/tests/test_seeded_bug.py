@@ -34,10 +34,11 @@ def test_wrong_weighting_is_red_with_a_repro_line(pytester: pytest.Pytester, mon
             "*fail random/output: output*got*expected*",
             (
                 "*repro: moeconf --registry tinyframework.moe:ARCHITECTURES check --arch tinyframework_moe "
-                "--backend tinyframework.moe:GROUPED_WRONG_WEIGHTS --dtype fp32 --device cpu --case random "
-                "--check output --seed 0"
+                "--config tiny --backend tinyframework.moe:GROUPED_WRONG_WEIGHTS --dtype fp32 --device cpu "
+                "--case random --check output --seed 0"
             ),
-            "*repro: moeconf check --arch mixtral --backend tinyframework.moe:GROUPED_WRONG_WEIGHTS *--check output *",
+            "*repro: moeconf check --arch mixtral --config tiny --backend tinyframework.moe:GROUPED_WRONG_WEIGHTS "
+            "*--check output *",
         ]
     )
     # The routing is the block's own and stays right: only what the kernel computes goes red.
