@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moeconf.backends.base import StepsRequest, micro_batches
-from moeconf.harness.cases import draw_params, select_tokens, token_pool
+from moeconf.harness.cases import CaseError, draw_params, select_tokens, token_pool
 from moeconf.params import NOT_TRAINED, Params, round_through
 from moeconf.reference import reference_forward, route
 from moeconf.registry.entry import ArchEntry
@@ -162,7 +162,10 @@ def make_steps(
     initial = {k: v.clone() for k, v in params.items()}
     batches, cotangents, ref_out, ref_grads, ref_params, idle, ref_losses = [], [], [], [], [], [], []
     for step in range(steps):
-        subsets = expert_subsets(spec.num_experts, world_size, step, spec.top_k)
+        try:
+            subsets = expert_subsets(spec.num_experts, world_size, step, spec.top_k)
+        except ValueError as exc:  # a config with k close to E: the steps' routing constraints cannot hold
+            raise CaseError(f"adversarial steps: {exc}") from exc
         xs = tuple(
             _rank_tokens(spec, params, subsets[r], tokens_per_rank, dtype, gen).reshape(1, tokens_per_rank, spec.hidden)
             for r in range(world_size)

@@ -74,7 +74,9 @@ def _kwargs_for(entry: ArchEntry, sample: ConfigSample) -> dict[str, Any]:
     target = kwargs if entry.block_config_attr is None else _sub(kwargs, entry.block_config_attr)
     aliases = _aliases(entry)
     ruled = {r.field for r in field_rules(entry)}
-    for field, value in sample.values:
+    for name, value in sample.values:
+        # a published config.json may spell a field by its alias (Qwen3's num_experts for num_local_experts)
+        field = aliases.get(name, name)
         if field not in ruled and sample.kind != "invalid":
             continue  # a field this release's config does not have (the sample is written for the latest)
         for alias in [k for k, v in aliases.items() if v == field and k in target]:
