@@ -340,7 +340,7 @@ def _nodes_under_torchrun(
     nnodes: int,
     nproc: int,
     backend: str,
-    more: tuple[str, ...] = ("--arch", *ARCHS),
+    more: tuple[str, ...] = ("--arch", *ARCHS, "--config", "tiny"),
     exit_code: int = 0,
 ) -> tuple[list[dict[str, Any]], float]:
     """``moeconf.partition check --backend backend *more`` on ``nnodes`` simulated nodes x ``nproc`` ranks
