@@ -294,7 +294,12 @@ class GroupedExperts(torch.autograd.Function):
         # parallel and deterministic (no serial index_add), and in fp32 so bf16 rounds once.
         acc = accumulation_dtype(hidden.dtype)
         per_slot = down.index_select(0, dispatch.slot_row).view(n, k, down.shape[1]).to(acc)
-        out = torch.bmm(top_k_weights.to(acc).unsqueeze(1), per_slot).squeeze(1).to(hidden.dtype)
+        # NOTE: written into a tensor of its own, not returned as a squeeze() view of the product: a block that
+        # adds to the experts' output in place (transformers 5.0's Qwen2-MoE, modeling_qwen2_moe.py:375) may
+        # not modify a view created inside a custom autograd Function.
+        out = torch.empty(n, down.shape[1], dtype=acc, device=hidden.device)
+        torch.bmm(top_k_weights.to(acc).unsqueeze(1), per_slot, out=out.unsqueeze(1))
+        out = out.to(hidden.dtype)
         ctx.dispatch = dispatch
         ctx.save_for_backward(rows, gate_up, act, per_slot, gate_up_proj, down_proj, top_k_weights)
         return out

@@ -556,6 +556,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
                 releases=">=5.0,<5.1",
                 case=case,
                 dtype=dtype,
+                backend="hf-eager",  # transformers' grouped_mm / batched_mm experts read the weights by expert
             )
             for check in ("output", "grad_input", "grad_router", "grad_experts")
             # NOTE: with one token the bf16 router gradient stays within tolerance (measured on 5.0.0).
