@@ -171,3 +171,17 @@ def test_every_drawn_config_agrees_with_the_reference(arch: str) -> None:
         assert not bad, f"{sample.describe()}:\n" + "\n".join(bad[:5])
 
     agrees()
+
+
+def test_the_rejection_check_goes_red_on_a_block_that_accepts_an_invalid_config() -> None:
+    """The failing side of config_rejects_invalid: DeepSeek-V3's block computes an output for k beyond the kept
+    groups' experts (declared upstream, so the registry records it xfail); the check itself says fail."""
+    from moeconf.harness.rejection import rejection_outcome
+    from moeconf.hf.configs import probe_at
+
+    entry = get_entry("deepseek_v3")
+    sample = next(s for s in invalid_samples(entry) if s.name == "invalid:kept")
+    probe, config_error = probe_at(entry, sample)
+    assert config_error is None  # the config class lets it through
+    outcome = rejection_outcome(probe, config_error, "k beyond the kept groups", str)
+    assert outcome.passed is False and "accepted a config that describes no valid layer" in outcome.message

@@ -76,6 +76,22 @@ def router_probs_recorded(where: str) -> tuple[Expectation, ...]:
     )
 
 
+WEIGHTING_CHECKS = (
+    "routing_weights",
+    "output",
+    "grad_input",
+    "grad_router",
+    "grad_experts",
+    # the adversarial steps: other weights change every output, hence every gradient and parameter after
+    # step 0, hence which experts step 1 leaves idle
+    "partition_output",
+    "partition_grads",
+    "partition_zero_grads",
+    "partition_params",
+)
+"""The checks a wrong routing-weight normalisation (an ignored ``norm_topk_prob``) turns red."""
+
+
 CORE_ENTRIES: tuple[ArchEntry, ...] = (
     ArchEntry(
         model_type="mixtral",

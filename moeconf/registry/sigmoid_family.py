@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeconf.registry.config_space import FieldRule, Published
-from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, E, H, I, K, S, shared_mlp
+from moeconf.registry.core import ATTENTION, FUSED_EXPERTS, SWITCH_AUX, WEIGHTING_CHECKS, E, H, I, K, S, shared_mlp
 from moeconf.registry.entry import ArchEntry, Binding, Expectation, sub_config_variant
 from moeconf.spec import ExpertSpec, MoESpec, RouterSpec, SharedSpec
 
@@ -352,17 +352,7 @@ ENTRIES: tuple[ArchEntry, ...] = (
         aux_coef_attr="router_aux_loss_coef",
         expectations=tuple(
             Expectation("xfail", DSV4_NORM_IGNORED, check=check, when=(("norm_topk_prob", False),))
-            for check in (
-                "routing_weights",
-                "output",
-                "grad_input",
-                "grad_router",
-                "grad_experts",
-                "partition_output",
-                "partition_grads",
-                "partition_zero_grads",
-                "partition_params",
-            )
+            for check in WEIGHTING_CHECKS
         )
         + tuple(
             # the block's shared MLP has the width of one expert whatever n_shared_experts says, so no binding
