@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeconf.hf.block import build_config
+from moeconf.registry.config_space import read_field
 from moeconf.registry.entry import ArchEntry
 
 AuditStatus = Literal["pass", "fail", "warn", "skip"]
@@ -187,10 +188,8 @@ def config_tree(config: Any, depth: int = 0) -> list[tuple[str, Any]]:
 
 
 def get_path(config: Any, path: str) -> Any:
-    value = config
-    for part in path.split("."):
-        value = value[part] if isinstance(value, dict) else getattr(value, part)
-    return value
+    """``config.<path>``, dotted through sub-configs or dict sub-configs (the registry's own reader)."""
+    return read_field(config, path)
 
 
 def _set_path(config: Any, path: str, value: Any) -> None:
